@@ -1,0 +1,61 @@
+# Switchboard: `make run` runs the native stack, `make test` runs the tests.
+# Both install what they need first (Debian/Ubuntu packages, the virtualenv).
+SHELL := /bin/bash
+.SHELLFLAGS := -o errexit -o nounset -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
+PYTEST_ARGS ?=
+
+.PHONY: help run start stop status test lint format lock createsuperuser system-deps venv clean
+
+help:  ## List the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
+
+run: system-deps venv  ## Run the whole stack in the foreground on https://localhost:8443 (Ctrl-C stops it)
+	exec $(BIN)/python -m infra.stack run
+
+start: system-deps venv  ## Start the stack in the background and wait until it is ready
+	$(BIN)/python -m infra.stack start
+
+stop:  ## Stop a stack started with `make start`
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m infra.stack stop; else echo "nothing to stop"; fi
+
+status:  ## Show the background stack's processes
+	$(BIN)/python -m infra.stack status
+
+test: system-deps venv  ## Run the whole test suite (unit, consumer, end-to-end, static checks)
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: venv  ## ruff check and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv  ## Apply ruff's fixes and formatting
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+createsuperuser: venv  ## Create an admin user for the native stack
+	$(BIN)/python -m infra.stack manage createsuperuser
+
+lock: venv  ## Re-pin requirements/*.txt from pyproject.toml
+	$(BIN)/pip install -q uv
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements/main.txt
+	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet --extra dev -o requirements/dev.txt
+
+system-deps:
+	@infra/install-system-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements/dev.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
+	touch $@
+
+clean: stop  ## Remove the virtualenv, runtime files and the SQLite database
+	rm -rf $(VENV) .run var .pytest_cache .ruff_cache

@@ -1,0 +1,87 @@
+"""The chat consumer: one room group per room, every frame stamped with the serving processes."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from django.conf import settings
+
+from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
+from realtime import jsonframes
+from realtime.consumers import GroupMemberConsumer
+from realtime.identity import process_id
+from realtime.ratelimit import TokenBucket
+
+logger = logging.getLogger("chat")
+
+#: Close code for a refused room name (4000-4999 are the application's).
+CLOSE_INVALID_ROOM = 4400
+
+
+class ChatConsumer(GroupMemberConsumer):
+    async def connect(self) -> None:
+        self.room = self.scope["url_route"]["kwargs"]["room"]
+        if not is_valid_room(self.room):
+            await self.refuse(
+                ErrorCode.INVALID_ROOM,
+                "Room names are 1-64 characters of A-Z, a-z, 0-9, '_' and '-'.",
+                CLOSE_INVALID_ROOM,
+            )
+            return
+        user = self.scope.get("user")
+        self.username = user.username if user is not None and user.is_authenticated else "anonymous"
+        self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
+        self.group = room_group(self.room)
+        await self.join(self.group)
+        await self.accept()
+        logger.info("connect %s room=%s user=%s", self.client, self.room, self.username)
+
+    async def disconnect(self, code: int) -> None:
+        if getattr(self, "group", None):
+            logger.info("disconnect %s room=%s code=%s", self.client, self.room, code)
+
+    async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if text_data is None:
+            await self.send_error(
+                ErrorCode.BINARY_NOT_SUPPORTED, "Send JSON in text frames, not binary frames."
+            )
+            return
+        try:
+            incoming = parse_client_frame(text_data, max_chars=settings.CHAT_MAX_MESSAGE_CHARS)
+        except ProtocolError as error:
+            await self.send_error(error.code, error.detail)
+            return
+        if not self.bucket.take():
+            logger.info("rate limited %s room=%s", self.client, self.room)
+            await self.send_error(
+                ErrorCode.RATE_LIMITED,
+                f"Slow down: at most {settings.CHAT_RATE_PER_SECOND:g} messages per second "
+                f"(bursts of {settings.CHAT_RATE_BURST}).",
+            )
+            return
+        event: dict[str, Any] = {
+            "type": "chat.message",
+            "id": uuid.uuid4().hex,
+            "message": incoming.text,
+            "user": self.username,
+            "room": self.room,
+            "sent_by": process_id(),
+        }
+        if incoming.ref is not None:
+            event["ref"] = incoming.ref
+        try:
+            await self.channel_layer.group_send(self.group, event)
+        except Exception:
+            logger.warning("group_send failed for room=%s", self.room, exc_info=True)
+            await self.send_error(
+                ErrorCode.UNAVAILABLE,
+                "The message could not be delivered (channel layer unavailable); send it again.",
+            )
+
+    async def chat_message(self, event: dict[str, Any]) -> None:
+        frame = {key: value for key, value in event.items() if key != "type"}
+        # "username" keeps the seeds' clients (data.username) working beside "user".
+        frame.update(type="chat.message", username=event["user"], delivered_by=process_id())
+        await self.send(text_data=jsonframes.dumps(frame))

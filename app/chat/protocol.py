@@ -1,0 +1,85 @@
+"""The wire protocol of ``/ws/chat/<room>/``: parsing client frames and naming errors.
+
+Clients send ``{"message": "<text>", "ref": "<optional, echoed back>"}``. Anything else is
+answered with ``{"type": "error", "code": <one of ErrorCode>, "detail": <text>}`` and the
+connection stays open. The codes are part of the public protocol: never rename one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from enum import StrEnum
+
+from realtime import jsonframes
+
+ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_REF_CHARS = 64
+
+
+class ErrorCode(StrEnum):
+    INVALID_JSON = "invalid_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_MESSAGE = "missing_message"
+    INVALID_MESSAGE = "invalid_message"
+    EMPTY_MESSAGE = "empty_message"
+    MESSAGE_TOO_LONG = "message_too_long"
+    INVALID_REF = "invalid_ref"
+    BINARY_NOT_SUPPORTED = "binary_not_supported"
+    RATE_LIMITED = "rate_limited"
+    INVALID_ROOM = "invalid_room"
+    UNAVAILABLE = "unavailable"
+
+
+class ProtocolError(Exception):
+    def __init__(self, code: ErrorCode, detail: str) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    text: str
+    ref: str | None
+
+
+def is_valid_room(name: str) -> bool:
+    return ROOM_NAME.fullmatch(name) is not None
+
+
+def room_group(room: str) -> str:
+    """The channel-layer group of a room.
+
+    Only called with names that passed :func:`is_valid_room`; the ``chat.`` prefix keeps room
+    groups apart from per-user notification groups (``notifications.user.<pk>``), whose names
+    contain a dot that no room name can.
+    """
+    return f"chat.{room}"
+
+
+def parse_client_frame(text: str, *, max_chars: int) -> ChatMessage:
+    try:
+        data = jsonframes.loads(text)
+    except ValueError:
+        raise ProtocolError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
+    if not isinstance(data, dict):
+        raise ProtocolError(ErrorCode.NOT_AN_OBJECT, "Send a JSON object: {\"message\": \"...\"}.")
+    if "message" not in data:
+        raise ProtocolError(ErrorCode.MISSING_MESSAGE, "The object has no \"message\" field.")
+    message = data["message"]
+    if not isinstance(message, str):
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "\"message\" must be a string.")
+    if not message.strip():
+        raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "\"message\" is empty.")
+    if len(message) > max_chars:
+        raise ProtocolError(
+            ErrorCode.MESSAGE_TOO_LONG,
+            f"\"message\" has {len(message)} characters; the limit is {max_chars}.",
+        )
+    ref = data.get("ref")
+    if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_REF_CHARS):
+        raise ProtocolError(
+            ErrorCode.INVALID_REF, f"\"ref\" must be a string of at most {MAX_REF_CHARS} characters."
+        )
+    return ChatMessage(text=message, ref=ref)

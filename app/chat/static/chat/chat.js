@@ -1,0 +1,98 @@
+// Switchboard chat client: reconnects with jittered exponential backoff and shows, for every
+// message, which server process accepted it (sent_by) and which one delivered it (delivered_by).
+"use strict";
+(function () {
+  const room = JSON.parse(document.getElementById("room-name").textContent);
+  const log = document.getElementById("log");
+  const status = document.getElementById("status");
+  const form = document.getElementById("composer");
+  const input = document.getElementById("message");
+  const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
+  const url = scheme + window.location.host + "/ws/chat/" + encodeURIComponent(room) + "/";
+
+  const BASE_DELAY_MS = 500;
+  const MAX_DELAY_MS = 15000;
+  let socket = null;
+  let attempt = 0;
+  let refCounter = 0;
+
+  function setStatus(state, text) {
+    status.dataset.state = state;
+    status.textContent = text;
+  }
+
+  function append(className, fields) {
+    const item = document.createElement("li");
+    item.className = className;
+    for (const [name, text] of fields) {
+      const span = document.createElement("span");
+      span.className = name;
+      span.textContent = text;
+      item.appendChild(span);
+    }
+    log.appendChild(item);
+    item.scrollIntoView({ block: "end" });
+    return item;
+  }
+
+  function show(data) {
+    if (data.type === "chat.message") {
+      const item = append("message", [
+        ["user", data.user],
+        ["text", data.message],
+        ["route", data.sent_by + " → " + data.delivered_by],
+      ]);
+      item.dataset.id = data.id;
+      item.dataset.deliveredBy = data.delivered_by;
+      item.dataset.sentBy = data.sent_by;
+    } else if (data.type === "error") {
+      append("error", [["code", data.code], ["text", data.detail]]);
+    }
+  }
+
+  // Full jitter: a random delay in [0, min(cap, base * 2^attempt)], so that clients of a
+  // restarted worker do not all come back in the same instant.
+  function nextDelay() {
+    const ceiling = Math.min(MAX_DELAY_MS, BASE_DELAY_MS * 2 ** attempt);
+    attempt += 1;
+    return Math.random() * ceiling;
+  }
+
+  function connect() {
+    setStatus("connecting", "connecting…");
+    socket = new WebSocket(url);
+    socket.addEventListener("open", function () {
+      attempt = 0;
+      setStatus("open", "connected");
+    });
+    socket.addEventListener("message", function (event) {
+      try {
+        show(JSON.parse(event.data));
+      } catch (err) {
+        console.error("bad frame", err);
+      }
+    });
+    socket.addEventListener("close", function (event) {
+      if (event.code >= 4000 && event.code < 5000) {
+        setStatus("closed", "closed (" + event.code + ")");
+        return; // refused by the application: retrying would not help
+      }
+      const delay = nextDelay();
+      setStatus("reconnecting", "reconnecting in " + (delay / 1000).toFixed(1) + " s (code " + event.code + ")");
+      window.setTimeout(connect, delay);
+    });
+  }
+
+  form.addEventListener("submit", function (event) {
+    event.preventDefault();
+    const text = input.value;
+    if (!text.trim() || !socket || socket.readyState !== WebSocket.OPEN) {
+      return;
+    }
+    refCounter += 1;
+    socket.send(JSON.stringify({ message: text, ref: "r" + refCounter }));
+    input.value = "";
+  });
+
+  connect();
+})();

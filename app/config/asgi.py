@@ -1,0 +1,30 @@
+"""ASGI entry point: ``config.asgi:application``.
+
+The order below is the fix for ``AppRegistryNotReady``: the settings module is chosen first,
+``get_asgi_application()`` then runs ``django.setup()``, and only after that is anything imported
+that touches models -- routing, consumers, ``channels.auth`` (it imports the auth models).
+"""
+
+import os
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "config.settings")
+
+from django.core.asgi import get_asgi_application  # noqa: E402
+
+django_asgi_app = get_asgi_application()
+
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
+
+from config.routing import websocket_urlpatterns  # noqa: E402
+from health.asgi import HealthCheckMiddleware  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": HealthCheckMiddleware(django_asgi_app),
+        "websocket": AllowedHostsOriginValidator(
+            AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+        ),
+    }
+)

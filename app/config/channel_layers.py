@@ -1,0 +1,72 @@
+"""CHANNEL_LAYERS from the environment, immune to redis-py 8's new defaults.
+
+redis-py 8 changed two defaults that channels-redis inherits through ``ConnectionPool.from_url``:
+
+* ``socket_timeout`` became 5 s (it was unbounded). ``RedisChannelLayer.receive`` blocks in
+  ``BZPOPMIN`` for ``brpop_timeout`` = 5 s, so an idle socket's read and the socket timeout race
+  and the receive loop dies with ``TimeoutError``: idle websockets get dropped.
+* ``max_connections`` became 100 per pool (it was 2**31). Past that the asyncio pool raises
+  ``MaxConnectionsError`` at once instead of queueing, so a burst of ``group_send`` fails.
+
+Both are set explicitly here from REDIS_SOCKET_TIMEOUT and REDIS_MAX_CONNECTIONS, whatever redis-py
+version is installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.core.exceptions import ImproperlyConfigured
+
+from config import env
+
+#: channels_redis.core.RedisChannelLayer.brpop_timeout
+LAYER_BLOCKING_POP_SECONDS = 5
+
+BACKENDS = {
+    "redis": "channels_redis.core.RedisChannelLayer",
+    "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
+    "memory": "channels.layers.InMemoryChannelLayer",
+}
+
+
+def redis_connection_options() -> dict[str, Any]:
+    """Keyword arguments for every Redis connection pool the app creates."""
+    socket_timeout = env.get_float("REDIS_SOCKET_TIMEOUT", minimum=0.1)
+    if socket_timeout <= LAYER_BLOCKING_POP_SECONDS:
+        raise ImproperlyConfigured(
+            f"REDIS_SOCKET_TIMEOUT={socket_timeout} must exceed the channel layer's "
+            f"{LAYER_BLOCKING_POP_SECONDS} s blocking pop, or idle receives time out"
+        )
+    return {
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5,
+        "socket_keepalive": True,
+        "health_check_interval": 30,
+        "max_connections": env.get_int("REDIS_MAX_CONNECTIONS", minimum=10),
+    }
+
+
+def channel_layers_from_env() -> dict[str, Any]:
+    kind = env.get("CHANNEL_LAYER")
+    try:
+        backend = BACKENDS[kind]
+    except KeyError:
+        raise ImproperlyConfigured(
+            f"CHANNEL_LAYER={kind!r}; expected one of {', '.join(BACKENDS)}"
+        ) from None
+    capacity = env.get_int("CHANNEL_CAPACITY", minimum=1)
+    expiry = env.get_int("CHANNEL_EXPIRY", minimum=1)
+    group_expiry = env.get_int("CHANNEL_GROUP_EXPIRY", minimum=60)
+    if kind == "memory":
+        config: dict[str, Any] = {
+            "capacity": capacity,
+            "expiry": expiry,
+            "group_expiry": group_expiry,
+        }
+    else:
+        host = {"address": env.get("REDIS_URL"), **redis_connection_options()}
+        config = {"hosts": [host]}
+        if kind == "redis":
+            config |= {"capacity": capacity, "expiry": expiry, "group_expiry": group_expiry}
+    return {"default": {"BACKEND": backend, "CONFIG": config}}

@@ -1,0 +1,159 @@
+"""The one table of environment settings.
+
+Every knob of Switchboard -- Django, gunicorn/uvicorn and the native stack -- is declared here
+once, with its default and its meaning. ``settings.py``, ``infra/gunicorn.conf.py`` and
+``infra/stack.py`` read values through :func:`get` and friends; the README's settings table is
+generated from this list (``python app/config/env.py``) and a test keeps the two in sync, so the
+documentation cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from django.core.exceptions import ImproperlyConfigured
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    default: str
+    component: str
+    doc: str
+
+
+#: The native stack's public HTTPS port; also in the default trusted origins below.
+_HTTPS_PORT = "8443"
+
+DJANGO = "django"
+SERVER = "gunicorn / uvicorn"
+STACK = "native stack"
+
+#: Insecure on purpose: accepted only while DJANGO_DEBUG is on (see settings.py).
+DEV_SECRET_KEY = "dev-only-insecure-secret-key-do-not-use-in-production"  # noqa: S105
+
+SETTINGS: tuple[Setting, ...] = (
+    # -- Django ---------------------------------------------------------------------------------
+    Setting("DJANGO_DEBUG", "false", DJANGO, "Debug mode. Off unless asked for."),
+    Setting("DJANGO_SECRET_KEY", "", DJANGO,
+            "Secret key. Required when DJANGO_DEBUG is off; a dev-only key is used in debug."),
+    Setting("DJANGO_ALLOWED_HOSTS", "localhost,127.0.0.1,[::1]", DJANGO,
+            "Comma-separated host names served. Also the websocket Origin allow-list."),
+    Setting("DJANGO_CSRF_TRUSTED_ORIGINS",
+            f"https://localhost:{_HTTPS_PORT},https://127.0.0.1:{_HTTPS_PORT}", DJANGO,
+            "Comma-separated origins (scheme://host:port) trusted for unsafe HTTP methods."),
+    Setting("DJANGO_SECURE", "true", DJANGO,
+            "HTTPS hardening: secure cookies, HSTS, SSL redirect. Turn off only for plain-HTTP dev."),
+    Setting("DJANGO_HSTS_SECONDS", "31536000", DJANGO, "Strict-Transport-Security max-age."),
+    Setting("DJANGO_LOG_LEVEL", "INFO", DJANGO, "Log level of the app loggers."),
+    Setting("DATABASE_URL", "sqlite:///var/db.sqlite3", DJANGO,
+            "Database URL (dj-database-url). Relative SQLite paths are under the repo root."),
+    Setting("REDIS_URL", "redis://127.0.0.1:6379/0", DJANGO,
+            "Redis for the channel layer and /readyz. `redis://` or `rediss://`, with password."),
+    Setting("REDIS_SOCKET_TIMEOUT", "15", DJANGO,
+            "Seconds a Redis read may take. Must exceed the layer's 5 s blocking pop "
+            "(redis-py 8 defaults to 5 s, which races it)."),
+    Setting("REDIS_MAX_CONNECTIONS", "1000", DJANGO,
+            "Connection pool size per worker process (redis-py 8 defaults to 100 and then fails)."),
+    Setting("CHANNEL_LAYER", "redis", DJANGO,
+            "`redis` (channels-redis), `pubsub` (channels-redis pub/sub) or `memory` "
+            "(single process only: tests)."),
+    Setting("CHANNEL_CAPACITY", "1000", DJANGO,
+            "Messages a channel may queue before the layer drops (channels-redis default: 100)."),
+    Setting("CHANNEL_EXPIRY", "60", DJANGO, "Seconds an undelivered message lives."),
+    Setting("CHANNEL_GROUP_EXPIRY", "86400", DJANGO,
+            "Seconds a group membership lives. Consumers renew theirs at half this period."),
+    Setting("WS_MAX_MESSAGE_BYTES", "65536", SERVER,
+            "Largest websocket frame accepted; larger ones close the socket with 1009."),
+    Setting("WS_PING_INTERVAL", "20", SERVER, "Seconds between server pings on idle websockets."),
+    Setting("WS_PING_TIMEOUT", "20", SERVER, "Seconds to wait for a pong before closing."),
+    Setting("WS_PER_MESSAGE_DEFLATE", "false", SERVER,
+            "Per-message compression (costs CPU per recipient; off by default)."),
+    Setting("CHAT_MAX_MESSAGE_CHARS", "4000", DJANGO, "Longest chat `message` text accepted."),
+    Setting("CHAT_RATE_PER_SECOND", "10", DJANGO, "Sustained chat messages per connection."),
+    Setting("CHAT_RATE_BURST", "20", DJANGO, "Burst of chat messages per connection."),
+    Setting("REPLICA_NAME", "", DJANGO,
+            "Name of this replica in `sent_by`/`delivered_by` (default: the host name)."),
+    # -- gunicorn / uvicorn ---------------------------------------------------------------------
+    Setting("PORT", "8000", SERVER, "Port one replica's gunicorn listens on."),
+    Setting("BIND_HOST", "127.0.0.1", SERVER,
+            "Address gunicorn binds; `0.0.0.0` in containers."),
+    Setting("WEB_CONCURRENCY", "2", SERVER, "Uvicorn worker processes per replica."),
+    Setting("GRACEFUL_TIMEOUT", "20", SERVER,
+            "Seconds a stopping worker gets to close its websockets (1012) and finish requests."),
+    Setting("FORWARDED_ALLOW_IPS", "127.0.0.1,::1", SERVER,
+            "Proxies whose X-Forwarded-* headers are trusted (nginx). Nobody else's are."),
+    # -- native stack (make run) ----------------------------------------------------------------
+    Setting("SWITCHBOARD_REPLICAS", "3", STACK, "App replicas (gunicorn masters) started."),
+    Setting("SWITCHBOARD_APP_PORT_BASE", "8101", STACK,
+            "Replica i (1-based) listens on this port + i - 1."),
+    Setting("SWITCHBOARD_HTTPS_PORT", _HTTPS_PORT, STACK, "nginx TLS port."),
+    Setting("SWITCHBOARD_HTTP_PORT", "8080", STACK, "nginx plain-HTTP port (redirects to HTTPS)."),
+    Setting("SWITCHBOARD_REDIS_PORT", "6390", STACK, "Port of the stack's own redis-server."),
+    Setting("SWITCHBOARD_RUN_DIR", ".run", STACK,
+            "Runtime folder: certificates, generated configs, logs, pid files, Redis password."),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+def get(name: str, environ: Mapping[str, str] | None = None) -> str:
+    """The value of a declared setting in ``environ`` (default: the process environment),
+    else its declared default."""
+    try:
+        default = _BY_NAME[name].default
+    except KeyError:
+        raise ImproperlyConfigured(f"{name} is not declared in config/env.py") from None
+    return (os.environ if environ is None else environ).get(name, default)
+
+
+def get_bool(name: str) -> bool:
+    value = get(name).strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off", ""}:
+        return False
+    raise ImproperlyConfigured(f"{name}={value!r} is not a boolean (true/false)")
+
+
+def get_int(
+    name: str, *, minimum: int | None = None, environ: Mapping[str, str] | None = None
+) -> int:
+    raw = get(name, environ)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not an integer") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below its minimum {minimum}")
+    return value
+
+
+def get_float(name: str, *, minimum: float | None = None) -> float:
+    raw = get(name)
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name}={raw!r} is not a number") from None
+    if minimum is not None and value < minimum:
+        raise ImproperlyConfigured(f"{name}={value} is below its minimum {minimum}")
+    return value
+
+
+def get_list(name: str) -> list[str]:
+    return [item.strip() for item in get(name).split(",") if item.strip()]
+
+
+def markdown_table() -> str:
+    """The README's settings table."""
+    rows = ["| Variable | Default | Used by | Meaning |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = f"`{s.default}`" if s.default else "(empty)"
+        rows.append(f"| `{s.name}` | {default} | {s.component} | {s.doc} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(markdown_table())

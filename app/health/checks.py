@@ -1,0 +1,54 @@
+"""Readiness checks: Redis PING and a channel-layer round trip."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import redis.asyncio as aioredis
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from config import env
+from config.channel_layers import redis_connection_options
+
+_redis: aioredis.Redis | None = None
+
+
+def _client() -> aioredis.Redis:
+    global _redis
+    if _redis is None:
+        options = redis_connection_options() | {"socket_timeout": 2, "socket_connect_timeout": 2}
+        options["max_connections"] = 4
+        _redis = aioredis.Redis.from_url(env.get("REDIS_URL"), **options)
+    return _redis
+
+
+async def _redis_ping() -> str:
+    try:
+        await _client().ping()
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok"
+
+
+async def _layer_round_trip() -> str:
+    layer = get_channel_layer()
+    if layer is None:
+        return "no channel layer configured"
+    token = uuid.uuid4().hex
+    try:
+        channel = await layer.new_channel(prefix="readyz.")
+        await layer.send(channel, {"type": "readyz.probe", "token": token})
+        message = await asyncio.wait_for(layer.receive(channel), 2)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "ok" if message.get("token") == token else "round trip returned another message"
+
+
+async def readiness() -> dict[str, str]:
+    uses_redis = "Redis" in settings.CHANNEL_LAYERS["default"]["BACKEND"]
+    checks = {"channel_layer": await _layer_round_trip()}
+    if uses_redis:
+        checks["redis"] = await _redis_ping()
+    return checks

@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from django.contrib.auth.signals import user_logged_out
+from django.db import transaction
+from django.db.models.signals import post_save
+from django.dispatch import receiver
+
+from notifications.models import Notification
+from notifications.publish import end_session, notify_user
+
+logger = logging.getLogger("notifications")
+
+
+@receiver(post_save, sender=Notification)
+def push_new_notification(sender: type, instance: Notification, created: bool, **_: Any) -> None:
+    if not created:
+        return
+
+    def push() -> None:
+        notify_user(
+            instance.user_id,
+            instance.message,
+            notification_type=instance.kind,
+            data={"notification_id": instance.pk, "source": "post_save"},
+        )
+
+    # After commit: a rolled-back row must not be announced, and a client that reacts by
+    # fetching /notifications/ must find it.
+    transaction.on_commit(push)
+
+
+@receiver(user_logged_out)
+def close_sockets_on_logout(sender: type, request: Any, user: Any, **_: Any) -> None:
+    if user is None:
+        return
+    try:
+        end_session(user.pk, request.session.session_key)
+    except Exception:  # Redis down must not break logout; the session is gone regardless.
+        logger.warning("could not close the sockets of user %s on logout", user.pk, exc_info=True)

@@ -1,0 +1,34 @@
+"""Gunicorn configuration for one Switchboard replica.
+
+One replica = one gunicorn master with WEB_CONCURRENCY uvicorn workers, all sharing the Redis
+channel layer with every other replica. Values come from the environment (config/env.py).
+"""
+
+import sys
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(_ROOT), str(_ROOT / "app")]
+
+from config import env  # noqa: E402
+
+wsgi_app = "config.asgi:application"
+worker_class = "infra.uvicorn_worker.SwitchboardUvicornWorker"
+pythonpath = f"{_ROOT},{_ROOT / 'app'}"
+chdir = str(_ROOT / "app")
+
+bind = [f"{env.get('BIND_HOST')}:{env.get_int('PORT', minimum=1)}"]
+workers = env.get_int("WEB_CONCURRENCY", minimum=1)
+# Websockets live long: on stop, workers get this long to close them (1012) and finish requests.
+graceful_timeout = env.get_int("GRACEFUL_TIMEOUT", minimum=1)
+# Heartbeat between master and workers; a wedged event loop is replaced after this.
+timeout = 30
+keepalive = 5
+# Only nginx may tell us the client's scheme and address.
+forwarded_allow_ips = env.get("FORWARDED_ALLOW_IPS")
+# Each worker imports the app itself: a crash in one never takes shared state with it.
+preload_app = False
+accesslog = None  # nginx logs requests; message bodies are never logged
+errorlog = "-"
+loglevel = "info"
+proc_name = "switchboard"

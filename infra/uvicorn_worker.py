@@ -1,0 +1,41 @@
+"""The gunicorn worker class: uvicorn with Switchboard's websocket settings.
+
+Gunicorn's flags cannot reach uvicorn's websocket options, so they are set here, from the same
+environment variables the rest of the stack reads (config/env.py). ``uvicorn.workers`` is
+deprecated; this builds on the maintained ``uvicorn_worker`` package.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, ClassVar
+
+from uvicorn_worker import UvicornWorker
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "app"))
+
+from config import env  # noqa: E402
+
+
+def uvicorn_options() -> dict[str, Any]:
+    """uvicorn.Config keyword arguments that gunicorn has no flag for."""
+    return {
+        "loop": "uvloop",
+        "http": "httptools",
+        "ws": "websockets",
+        # Frames above this close the socket with 1009 (message too big).
+        "ws_max_size": env.get_int("WS_MAX_MESSAGE_BYTES", minimum=1024),
+        # Pings keep idle sockets alive through proxies and detect vanished peers.
+        "ws_ping_interval": env.get_float("WS_PING_INTERVAL", minimum=1),
+        "ws_ping_timeout": env.get_float("WS_PING_TIMEOUT", minimum=1),
+        "ws_per_message_deflate": env.get_bool("WS_PER_MESSAGE_DEFLATE"),
+        # Channels' ProtocolTypeRouter has no lifespan handler.
+        "lifespan": "off",
+        "proxy_headers": True,
+        "server_header": False,
+    }
+
+
+class SwitchboardUvicornWorker(UvicornWorker):
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = uvicorn_options()

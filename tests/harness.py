@@ -1,0 +1,205 @@
+"""Test harness: real native stacks (redis-server, gunicorn replicas, nginx) on free ports.
+
+A ``RunningStack`` is ``infra.stack.Stack`` started in the background from a temporary run
+directory, with its own ports, SQLite file and Redis, so several can run side by side.
+Nothing here mocks Redis, nginx or gunicorn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import re
+import socket
+import ssl
+import subprocess
+import time
+import urllib.parse
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import websockets
+
+from infra.stack import Stack
+
+TEST_PASSWORD = "correct-horse-battery-staple-42"  # noqa: S105
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"no block of {count} free ports")
+
+
+class RunningStack:
+    def __init__(self, run_dir: Path, *, replicas: int = 3, workers: int = 2, **env: str) -> None:
+        base = free_port_block(replicas + 3)
+        environ = dict(os.environ)
+        environ.update(
+            SWITCHBOARD_RUN_DIR=str(run_dir),
+            SWITCHBOARD_REPLICAS=str(replicas),
+            SWITCHBOARD_REDIS_PORT=str(base),
+            SWITCHBOARD_HTTPS_PORT=str(base + 1),
+            SWITCHBOARD_HTTP_PORT=str(base + 2),
+            SWITCHBOARD_APP_PORT_BASE=str(base + 3),
+            WEB_CONCURRENCY=str(workers),
+            DATABASE_URL=f"sqlite:///{run_dir / 'db.sqlite3'}",
+        )
+        environ.update(env)
+        self.stack = Stack.from_env(environ)
+        self.workers = workers
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> RunningStack:
+        self.stack.start(timeout=90)
+        return self
+
+    def stop(self) -> None:
+        self.stack.stop()
+
+    @property
+    def base_url(self) -> str:
+        return self.stack.base_url
+
+    @property
+    def origin(self) -> str:
+        return self.base_url
+
+    @property
+    def ws_url(self) -> str:
+        return f"wss://localhost:{self.stack.https_port}"
+
+    def ssl_context(self) -> ssl.SSLContext:
+        return self.stack.ssl_context()
+
+    # -- processes -----------------------------------------------------------------------------
+    def program_pid(self, program: str) -> int:
+        out = self.stack.supervisorctl("pid", program).stdout.strip()
+        return int(out)
+
+    def worker_pids(self, program: str) -> list[int]:
+        """The uvicorn worker processes of one replica (children of its gunicorn master)."""
+        master = self.program_pid(program)
+        children = Path(f"/proc/{master}/task/{master}/children").read_text().split()
+        return sorted(int(pid) for pid in children)
+
+    def manage(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.stack.manage(*args)
+
+    def create_user(self, username: str, *, staff: bool = False) -> None:
+        script = (
+            "from django.contrib.auth import get_user_model; U = get_user_model(); "
+            f"u, _ = U.objects.get_or_create(username={username!r}); "
+            f"u.set_password({TEST_PASSWORD!r}); u.is_staff = {staff!r}; u.save()"
+        )
+        self.manage("shell", "-c", script)
+
+    def log(self, program: str) -> str:
+        return (self.stack.logs_dir / f"{program}.log").read_text(errors="replace")
+
+    # -- HTTP ----------------------------------------------------------------------------------
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, verify=self.ssl_context(), timeout=10)
+
+    def login(self, username: str) -> httpx.Client:
+        """An HTTP client holding a session for ``username`` (created if needed)."""
+        self.create_user(username)
+        client = self.http()
+        page = client.get("/accounts/login/")
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+        response = client.post(
+            "/accounts/login/",
+            data={"username": username, "password": TEST_PASSWORD,
+                  "csrfmiddlewaretoken": token, "next": "/chat/lobby/"},
+            headers={"Referer": f"{self.base_url}/accounts/login/"},
+        )
+        assert response.status_code == 302, response.text[:500]
+        assert "sessionid" in client.cookies
+        return client
+
+    def csrf_post(self, client: httpx.Client, path: str, data: dict[str, str]) -> httpx.Response:
+        client.get("/chat/lobby/")  # sets the csrftoken cookie
+        return client.post(
+            path,
+            data=data,
+            headers={"X-CSRFToken": client.cookies["csrftoken"], "Referer": f"{self.base_url}/"},
+        )
+
+    # -- websockets ----------------------------------------------------------------------------
+    async def connect(
+        self, path: str, *, origin: str | None = "", cookies: httpx.Cookies | None = None,
+        **kwargs: Any,
+    ) -> websockets.ClientConnection:
+        headers = {}
+        if cookies is not None:
+            headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in cookies.items())
+        return await websockets.connect(
+            self.ws_url + path,
+            ssl=self.ssl_context(),
+            origin=self.origin if origin == "" else origin,
+            additional_headers=headers,
+            open_timeout=10,
+            **kwargs,
+        )
+
+
+def replica_of(process: str) -> str:
+    """``"host-app2:1234"`` -> ``"host-app2"``."""
+    return process.rsplit(":", 1)[0]
+
+
+async def recv_json(ws: websockets.ClientConnection, timeout: float = 10) -> dict[str, Any]:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+async def recv_until(
+    ws: websockets.ClientConnection, predicate: Any, timeout: float = 10
+) -> dict[str, Any]:
+    """The first frame for which ``predicate(frame)`` is true (others are skipped)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        frame = await recv_json(ws, max(0.01, deadline - time.monotonic()))
+        if predicate(frame):
+            return frame
+
+
+@contextlib.asynccontextmanager
+async def connections(
+    stack: RunningStack, path: str, count: int, **kwargs: Any
+) -> AsyncIterator[list[websockets.ClientConnection]]:
+    sockets = await asyncio.gather(*(stack.connect(path, **kwargs) for _ in range(count)))
+    try:
+        yield list(sockets)
+    finally:
+        await asyncio.gather(*(ws.close() for ws in sockets), return_exceptions=True)
+
+
+@contextlib.contextmanager
+def started(run_dir: Path, **options: Any) -> Iterator[RunningStack]:
+    stack = RunningStack(run_dir, **options).start()
+    try:
+        yield stack
+    finally:
+        stack.stop()
+
+
+def room_path(room: str) -> str:
+    return "/ws/chat/" + urllib.parse.quote(room, safe="") + "/"
