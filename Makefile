@@ -7,10 +7,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# The static checks' tools (checkov, hadolint, ...) live in a virtualenv of their own.
+VALIDATORS ?= .venv-validators
+# Debian packages only the tests need: PostgreSQL for the e2e run against a real database.
+TEST_PACKAGES ?= postgresql
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help run start stop status test lint format lock createsuperuser system-deps venv clean
+.PHONY: help run start stop status test lint format lock createsuperuser system-deps test-system-deps venv validators clean
 
 help:  ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 18
@@ -27,7 +31,7 @@ stop:  ## Stop a stack started with `make start`
 status:  ## Show the background stack's processes
 	$(BIN)/python -m infra.stack status
 
-test: system-deps venv  ## Run the whole test suite (unit, consumer, end-to-end, static checks)
+test: system-deps test-system-deps venv validators  ## Run the whole test suite (unit, consumer, end-to-end, static checks)
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: venv  ## ruff check and format check
@@ -45,11 +49,18 @@ lock: venv  ## Re-pin requirements/*.txt from pyproject.toml
 	$(BIN)/pip install -q uv
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements/main.txt
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet --extra dev -o requirements/dev.txt
+	$(BIN)/uv pip compile requirements/validators.in --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet --generate-hashes -o requirements/validators.txt
 
 system-deps:
 	@infra/install-system-deps.sh
 
+test-system-deps:
+	@infra/install-system-deps.sh $(TEST_PACKAGES)
+
 venv: $(VENV)/.installed
+
+validators:  ## Create the validators' virtualenv (pinned, hashed: requirements/validators.txt)
+	@infra/install-validators.sh $(VALIDATORS)
 
 $(VENV)/.installed: requirements/dev.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,4 +69,4 @@ $(VENV)/.installed: requirements/dev.txt
 	touch $@
 
 clean: stop  ## Remove the virtualenv, runtime files and the SQLite database
-	rm -rf $(VENV) .run var .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VALIDATORS) .run var .pytest_cache .ruff_cache

@@ -79,7 +79,9 @@ def _canonical(host: str) -> str:
     return str(ipaddress.ip_address(host)) if _is_ip(host) else host
 
 
-def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS) -> Path:
+def ensure_certificates(
+    directory: Path, hosts: list[str] | tuple[str, ...] = DEFAULT_HOSTS
+) -> Path:
     """Create the CA (once) and a current leaf for ``hosts``; returns the CA certificate path."""
     hosts = list(hosts)
     directory.mkdir(parents=True, exist_ok=True)
@@ -103,13 +105,21 @@ def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = DE
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=True, crl_sign=True,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=True,
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
-            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_private.public_key()), False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(ca_private.public_key()), False
+            )
             .sign(ca_private, hashes.SHA256())
         )
         _write_key(ca_key, ca_private)
@@ -129,9 +139,15 @@ def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = DE
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
-                    digital_signature=True, key_cert_sign=False, crl_sign=False,
-                    content_commitment=False, key_encipherment=False, data_encipherment=False,
-                    key_agreement=False, encipher_only=False, decipher_only=False,
+                    digital_signature=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
                 ),
                 critical=True,
             )
@@ -144,19 +160,18 @@ def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = DE
             .sign(ca_private, hashes.SHA256())
         )
         _write_key(leaf_key, key)
-        # The chain nginx serves: leaf first, then the CA.
-        leaf_crt.write_bytes(
-            cert.public_bytes(serialization.Encoding.PEM)
-            + ca_cert.public_bytes(serialization.Encoding.PEM)
-        )
+        # The leaf alone: the CA signs it directly and clients hold the CA as their trust
+        # anchor, so sending it too only costs bytes (sslyze: "chain contains the anchor").
+        leaf_crt.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return ca_crt
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
-    parser.add_argument("--host", action="append", dest="hosts",
-                        help="a DNS name or IP for the leaf (repeatable)")
+    parser.add_argument(
+        "--host", action="append", dest="hosts", help="a DNS name or IP for the leaf (repeatable)"
+    )
     args = parser.parse_args()
     ca = ensure_certificates(args.directory, args.hosts or DEFAULT_HOSTS)
     print(f"CA certificate: {ca}")

@@ -7,6 +7,7 @@ deprecated; this builds on the maintained ``uvicorn_worker`` package.
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 from typing import Any, ClassVar
@@ -15,7 +16,7 @@ from uvicorn_worker import UvicornWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "app"))
 
-from config import env  # noqa: E402
+from config import env
 
 
 def uvicorn_options() -> dict[str, Any]:
@@ -37,5 +38,23 @@ def uvicorn_options() -> dict[str, Any]:
     }
 
 
+class DropQueryStrings(logging.Filter):
+    """Cuts the query string off the paths uvicorn logs ("WebSocket /ws/chat/x/?token=..."):
+    whatever a client puts there (tokens included) must not reach a log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                arg.split("?", 1)[0] if isinstance(arg, str) and arg.startswith("/") else arg
+                for arg in record.args
+            )
+        return True
+
+
 class SwitchboardUvicornWorker(UvicornWorker):
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = uvicorn_options()
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for name in ("uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).addFilter(DropQueryStrings())

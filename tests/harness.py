@@ -27,7 +27,7 @@ import websockets
 
 from infra.stack import Stack
 
-TEST_PASSWORD = "correct-horse-battery-staple-42"  # noqa: S105
+TEST_PASSWORD = "correct-horse-battery-staple-42"
 
 
 def _port_free(port: int) -> bool:
@@ -52,8 +52,12 @@ def free_port_block(count: int) -> int:
 class RunningStack:
     def __init__(self, run_dir: Path, *, replicas: int = 3, workers: int = 2, **env: str) -> None:
         base = free_port_block(replicas + 3)
-        environ = dict(os.environ)
+        # The test process's own DJANGO_* settings (debug, for in-process tests) must not leak
+        # into a stack that stands for production.
+        environ = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
         environ.update(
+            DJANGO_DEBUG="false",
+            DJANGO_SECURE="true",
             SWITCHBOARD_RUN_DIR=str(run_dir),
             SWITCHBOARD_REPLICAS=str(replicas),
             SWITCHBOARD_REDIS_PORT=str(base),
@@ -127,8 +131,12 @@ class RunningStack:
         token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
         response = client.post(
             "/accounts/login/",
-            data={"username": username, "password": TEST_PASSWORD,
-                  "csrfmiddlewaretoken": token, "next": "/chat/lobby/"},
+            data={
+                "username": username,
+                "password": TEST_PASSWORD,
+                "csrfmiddlewaretoken": token,
+                "next": "/chat/lobby/",
+            },
             headers={"Referer": f"{self.base_url}/accounts/login/"},
         )
         assert response.status_code == 302, response.text[:500]
@@ -145,7 +153,11 @@ class RunningStack:
 
     # -- websockets ----------------------------------------------------------------------------
     async def connect(
-        self, path: str, *, origin: str | None = "", cookies: httpx.Cookies | None = None,
+        self,
+        path: str,
+        *,
+        origin: str | None = "",
+        cookies: httpx.Cookies | None = None,
         **kwargs: Any,
     ) -> websockets.ClientConnection:
         headers = {}
@@ -203,3 +215,35 @@ def started(run_dir: Path, **options: Any) -> Iterator[RunningStack]:
 
 def room_path(room: str) -> str:
     return "/ws/chat/" + urllib.parse.quote(room, safe="") + "/"
+
+
+CLIENTS = 12
+MESSAGES_PER_CLIENT = 3
+
+
+async def room_fanout(stack: RunningStack, room: str) -> dict:
+    """12 clients join ``room``; each sends 3 messages; returns what every client received.
+
+    Readers stop after 5 s without a frame, so missing deliveries show up as short lists.
+    """
+    started = time.monotonic()
+    async with connections(stack, room_path(room), CLIENTS) as sockets:
+        expected = CLIENTS * MESSAGES_PER_CLIENT
+        received: list[list[dict]] = [[] for _ in sockets]
+
+        async def reader(index: int) -> None:
+            ws = sockets[index]
+            try:
+                while len(received[index]) < expected:
+                    received[index].append(await recv_json(ws, timeout=5))
+            except TimeoutError:
+                pass
+
+        readers = [asyncio.create_task(reader(i)) for i in range(CLIENTS)]
+        for round_ in range(MESSAGES_PER_CLIENT):
+            for index, ws in enumerate(sockets):
+                await ws.send(
+                    json.dumps({"message": f"m{round_}-{index}", "ref": f"{index}.{round_}"})
+                )
+        await asyncio.gather(*readers)
+    return {"received": received, "expected": expected, "seconds": time.monotonic() - started}

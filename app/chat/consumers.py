@@ -18,6 +18,8 @@ logger = logging.getLogger("chat")
 
 #: Close code for a refused room name (4000-4999 are the application's).
 CLOSE_INVALID_ROOM = 4400
+#: Close code for a connection that kept flooding past its rate limit (RFC 6455).
+CLOSE_POLICY_VIOLATION = 1008
 
 
 class ChatConsumer(GroupMemberConsumer):
@@ -33,6 +35,7 @@ class ChatConsumer(GroupMemberConsumer):
         user = self.scope.get("user")
         self.username = user.username if user is not None and user.is_authenticated else "anonymous"
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
+        self.refused_in_a_row = 0
         self.group = room_group(self.room)
         await self.join(self.group)
         await self.accept()
@@ -43,6 +46,13 @@ class ChatConsumer(GroupMemberConsumer):
             logger.info("disconnect %s room=%s code=%s", self.client, self.room, code)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
+        if getattr(self, "group", None) is None:
+            return  # refused in connect(); a frame that raced the close has nowhere to go
+        # Every frame counts against the rate, garbage included: each one costs an answer.
+        if not self.bucket.take():
+            await self._over_the_rate()
+            return
+        self.refused_in_a_row = 0
         if text_data is None:
             await self.send_error(
                 ErrorCode.BINARY_NOT_SUPPORTED, "Send JSON in text frames, not binary frames."
@@ -52,14 +62,6 @@ class ChatConsumer(GroupMemberConsumer):
             incoming = parse_client_frame(text_data, max_chars=settings.CHAT_MAX_MESSAGE_CHARS)
         except ProtocolError as error:
             await self.send_error(error.code, error.detail)
-            return
-        if not self.bucket.take():
-            logger.info("rate limited %s room=%s", self.client, self.room)
-            await self.send_error(
-                ErrorCode.RATE_LIMITED,
-                f"Slow down: at most {settings.CHAT_RATE_PER_SECOND:g} messages per second "
-                f"(bursts of {settings.CHAT_RATE_BURST}).",
-            )
             return
         event: dict[str, Any] = {
             "type": "chat.message",
@@ -79,6 +81,27 @@ class ChatConsumer(GroupMemberConsumer):
                 ErrorCode.UNAVAILABLE,
                 "The message could not be delivered (channel layer unavailable); send it again.",
             )
+
+    async def _over_the_rate(self) -> None:
+        """Answer ``rate_limited``; close a connection that goes on flooding regardless.
+
+        Only the first refusal of a run is logged, so a flood cannot flood the log.
+        """
+        self.refused_in_a_row += 1
+        if self.refused_in_a_row == 1:
+            logger.info("rate limited %s room=%s", self.client, self.room)
+        if self.refused_in_a_row > settings.CHAT_FLOOD_CLOSE_AFTER:
+            logger.warning(
+                "flood: closing %s room=%s after %d frames in a row over the rate limit",
+                self.client, self.room, self.refused_in_a_row - 1,
+            )
+            await self.close(code=CLOSE_POLICY_VIOLATION)
+            return
+        await self.send_error(
+            ErrorCode.RATE_LIMITED,
+            f"Slow down: at most {settings.CHAT_RATE_PER_SECOND:g} messages per second "
+            f"(bursts of {settings.CHAT_RATE_BURST}).",
+        )
 
     async def chat_message(self, event: dict[str, Any]) -> None:
         frame = {key: value for key, value in event.items() if key != "type"}

@@ -64,22 +64,22 @@ def parse_client_frame(text: str, *, max_chars: int) -> ChatMessage:
     except ValueError:
         raise ProtocolError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
     if not isinstance(data, dict):
-        raise ProtocolError(ErrorCode.NOT_AN_OBJECT, "Send a JSON object: {\"message\": \"...\"}.")
+        raise ProtocolError(ErrorCode.NOT_AN_OBJECT, 'Send a JSON object: {"message": "..."}.')
     if "message" not in data:
-        raise ProtocolError(ErrorCode.MISSING_MESSAGE, "The object has no \"message\" field.")
+        raise ProtocolError(ErrorCode.MISSING_MESSAGE, 'The object has no "message" field.')
     message = data["message"]
     if not isinstance(message, str):
-        raise ProtocolError(ErrorCode.INVALID_MESSAGE, "\"message\" must be a string.")
+        raise ProtocolError(ErrorCode.INVALID_MESSAGE, '"message" must be a string.')
     if not message.strip():
-        raise ProtocolError(ErrorCode.EMPTY_MESSAGE, "\"message\" is empty.")
+        raise ProtocolError(ErrorCode.EMPTY_MESSAGE, '"message" is empty.')
     if len(message) > max_chars:
         raise ProtocolError(
             ErrorCode.MESSAGE_TOO_LONG,
-            f"\"message\" has {len(message)} characters; the limit is {max_chars}.",
+            f'"message" has {len(message)} characters; the limit is {max_chars}.',
         )
     ref = data.get("ref")
     if ref is not None and (not isinstance(ref, str) or len(ref) > MAX_REF_CHARS):
         raise ProtocolError(
-            ErrorCode.INVALID_REF, f"\"ref\" must be a string of at most {MAX_REF_CHARS} characters."
+            ErrorCode.INVALID_REF, f'"ref" must be a string of at most {MAX_REF_CHARS} characters.'
         )
     return ChatMessage(text=message, ref=ref)

@@ -10,6 +10,13 @@ redis-py 8 changed two defaults that channels-redis inherits through ``Connectio
 
 Both are set explicitly here from REDIS_SOCKET_TIMEOUT and REDIS_MAX_CONNECTIONS, whatever redis-py
 version is installed.
+
+Two more options come from the fault tests (tests/faults/):
+
+* A command that finds its pooled connection dead -- Redis restarted, the socket is stale --
+  reconnects and retries (``retry``) instead of failing once per pooled connection.
+* The ``redis`` backend is ``realtime.layers.RedisChannelLayer``: channels-redis with a pool that
+  closes what a burst opened (REDIS_MAX_IDLE_CONNECTIONS) instead of keeping it forever.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ from __future__ import annotations
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from config import env
 
@@ -24,7 +33,7 @@ from config import env
 LAYER_BLOCKING_POP_SECONDS = 5
 
 BACKENDS = {
-    "redis": "channels_redis.core.RedisChannelLayer",
+    "redis": "realtime.layers.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
     "memory": "channels.layers.InMemoryChannelLayer",
 }
@@ -44,6 +53,10 @@ def redis_connection_options() -> dict[str, Any]:
         "socket_keepalive": True,
         "health_check_interval": 30,
         "max_connections": env.get_int("REDIS_MAX_CONNECTIONS", minimum=10),
+        # Three quick retries (50, 100, 200 ms) on a fresh connection: enough to get past stale
+        # pooled sockets, short enough that a real outage is reported at once. Retried
+        # commands are safe: channels-redis adds messages as unique sorted-set members.
+        "retry": Retry(ExponentialBackoff(cap=0.2, base=0.05), 3),
     }
 
 
@@ -68,5 +81,6 @@ def channel_layers_from_env() -> dict[str, Any]:
         host = {"address": env.get("REDIS_URL"), **redis_connection_options()}
         config = {"hosts": [host]}
         if kind == "redis":
+            host["max_idle_connections"] = env.get_int("REDIS_MAX_IDLE_CONNECTIONS", minimum=1)
             config |= {"capacity": capacity, "expiry": expiry, "group_expiry": group_expiry}
     return {"default": {"BACKEND": backend, "CONFIG": config}}

@@ -45,7 +45,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "config.staticfiles.AsgiWhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -110,7 +110,7 @@ USE_TZ = True
 
 # Static files: collected at build time, served by whitenoise from every replica.
 STATIC_URL = "/static/"
-STATIC_ROOT = REPO_DIR / "var" / "static"
+STATIC_ROOT = REPO_DIR / env.get("DJANGO_STATIC_ROOT")  # an absolute value replaces REPO_DIR
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {
@@ -127,6 +127,7 @@ CHANNEL_LAYERS = channel_layers_from_env()
 CHAT_MAX_MESSAGE_CHARS = env.get_int("CHAT_MAX_MESSAGE_CHARS", minimum=1)
 CHAT_RATE_PER_SECOND = env.get_float("CHAT_RATE_PER_SECOND", minimum=0.001)
 CHAT_RATE_BURST = env.get_int("CHAT_RATE_BURST", minimum=1)
+CHAT_FLOOD_CLOSE_AFTER = env.get_int("CHAT_FLOOD_CLOSE_AFTER", minimum=1)
 REPLICA_NAME = env.get("REPLICA_NAME")
 
 # -- HTTPS behind nginx -------------------------------------------------------------------------

@@ -38,7 +38,10 @@ async def _layer_round_trip() -> str:
         return "no channel layer configured"
     token = uuid.uuid4().hex
     try:
-        channel = await layer.new_channel(prefix="readyz.")
+        # The default prefix matters: channels-redis multiplexes every process-local channel of
+        # one prefix through a single blocking pop. With a prefix of its own, this channel's
+        # message waits in a Redis list nobody pops while consumers hold the receive loop.
+        channel = await layer.new_channel()
         await layer.send(channel, {"type": "readyz.probe", "token": token})
         message = await asyncio.wait_for(layer.receive(channel), 2)
     except Exception as exc:

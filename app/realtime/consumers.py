@@ -9,6 +9,12 @@ It adds what every long-lived group member needs:
   with no handler, which kills the connection; code elsewhere (a view, a signal, another
   release) must not be able to disconnect clients by sending a new event type.
 * **Errors to the client** as ``{"type": "error", "code": ..., "detail": ...}``.
+* **A channel-layer outage is survived, not fatal** (tests/faults/test_redis_restart.py).
+  Channels lets an exception from the layer's ``receive`` end the consumer, so a Redis restart
+  closed every socket abnormally with a traceback each. Here the receive is retried with backoff
+  while the socket stays open; senders get ``unavailable`` errors meanwhile; ``realtime.membership``
+  restores the group memberships Redis lost; a connect that cannot join its group is refused
+  with ``unavailable`` and close code 1013 (try again later) instead of an HTTP 500.
 """
 
 from __future__ import annotations
@@ -16,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from channels.exceptions import StopConsumer
@@ -23,12 +31,22 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from django.conf import settings
 
 from realtime import jsonframes
+from realtime.membership import keeper
 
 logger = logging.getLogger("switchboard.ws")
 
+#: Close code for "the server cannot serve this now, reconnect later" (RFC 6455 registry).
+CLOSE_TRY_AGAIN_LATER = 1013
+#: Backoff of a consumer's channel-layer receive while the layer is unreachable.
+RECEIVE_RETRY_FIRST_SECONDS = 0.1
+RECEIVE_RETRY_MAX_SECONDS = 2.0
+
+
+class LayerUnavailable(Exception):
+    """The channel layer could not add this socket to its group."""
+
 
 class GroupMemberConsumer(AsyncWebsocketConsumer):
-
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
@@ -39,9 +57,45 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         host, port = self.scope.get("client") or ("?", 0)
         return f"{host}:{port}"
 
+    # Channels' AsyncConsumer.__call__ assigns the layer's receive for this consumer's channel to
+    # ``channel_receive`` and hands it to its dispatch loop; the property hands out the version
+    # that outlives a layer outage instead.
+    @property
+    def channel_receive(self) -> Callable[[], Awaitable[dict[str, Any]]]:
+        return self._receive_from_layer
+
+    @channel_receive.setter
+    def channel_receive(self, receive: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._layer_receive = receive
+
+    async def _receive_from_layer(self) -> dict[str, Any]:
+        delay = RECEIVE_RETRY_FIRST_SECONDS
+        while True:
+            try:
+                return await self._layer_receive()
+            except Exception as exc:  # Redis unreachable; realtime.membership logs the outage
+                logger.debug("channel layer receive failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
+                delay = min(delay * 2, RECEIVE_RETRY_MAX_SECONDS)
+
+    async def websocket_connect(self, message: dict[str, Any]) -> None:
+        try:
+            await super().websocket_connect(message)
+        except LayerUnavailable as exc:
+            logger.warning("channel layer unavailable at connect (%s)", exc)
+            await self.refuse(
+                "unavailable",
+                "The server cannot reach its message broker right now; reconnect shortly.",
+                CLOSE_TRY_AGAIN_LATER,
+            )
+
     async def join(self, group: str) -> None:
-        await self.channel_layer.group_add(group, self.channel_name)
+        try:
+            await self.channel_layer.group_add(group, self.channel_name)
+        except Exception as exc:
+            raise LayerUnavailable(type(exc).__name__) from exc
         self.joined.append(group)
+        keeper.add(self)
         if self._renewal is None:
             self._renewal = asyncio.create_task(self._renew_memberships())
 
@@ -52,10 +106,11 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             for group in self.joined:
                 try:
                     await self.channel_layer.group_add(group, self.channel_name)
-                except Exception:
-                    logger.warning("could not renew membership of %s", group, exc_info=True)
+                except Exception as exc:  # realtime.membership restores it when Redis is back
+                    logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -63,8 +118,8 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         for group in self.joined:
             try:
                 await self.channel_layer.group_discard(group, self.channel_name)
-            except Exception:  # Redis down: the membership expires by itself.
-                logger.warning("could not leave %s", group, exc_info=True)
+            except Exception as exc:  # Redis down: the membership expires by itself.
+                logger.warning("could not leave %s (%s)", group, type(exc).__name__)
         self.joined.clear()
         await self.disconnect(message.get("code", 1000))
         raise StopConsumer()
@@ -77,11 +132,23 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         await super().dispatch(message)
 
     async def send_error(self, code: str, detail: str) -> None:
-        await self.send(text_data=jsonframes.dumps({"type": "error", "code": code, "detail": detail}))
+        await self.send(
+            text_data=jsonframes.dumps({"type": "error", "code": code, "detail": detail})
+        )
 
     async def refuse(self, code: str, detail: str, close_code: int) -> None:
         """Accept only to say why, then close: browsers cannot read a refused handshake."""
-        logger.info("refused %s %s: %s", self.client, self.scope.get("path"), code)
+        # %r: a path may carry (percent-decoded) newlines that would forge log lines.
+        logger.info("refused %s %r: %s", self.client, self.scope.get("path"), code)
         await self.accept()
         await self.send_error(code, detail)
         await self.close(code=close_code)
+
+
+#: Close code for a websocket path that has no consumer.
+CLOSE_NOT_FOUND = 4404
+
+
+class NotFoundConsumer(GroupMemberConsumer):
+    async def connect(self) -> None:
+        await self.refuse("not_found", "No websocket endpoint at this path.", CLOSE_NOT_FOUND)

@@ -1,49 +1,20 @@
-"""Every member of a room gets every message, across worker processes and replicas, via nginx/TLS."""
+"""Every member of a room gets every message, across processes and replicas, via nginx/TLS."""
 
 from __future__ import annotations
 
-import asyncio
-import json
-import time
 from collections import Counter
 
 import pytest
 
-from tests.harness import RunningStack, connections, recv_json, replica_of, room_path
+from tests.harness import CLIENTS, MESSAGES_PER_CLIENT, RunningStack, replica_of, room_fanout
 
 pytestmark = pytest.mark.e2e
-
-CLIENTS = 12
-MESSAGES_PER_CLIENT = 3
-
-
-async def run_room_fanout(stack: RunningStack, room: str) -> dict:
-    """12 clients in one room; each sends 3 messages; collect what everyone received."""
-    started = time.monotonic()
-    async with connections(stack, room_path(room), CLIENTS) as sockets:
-        expected = CLIENTS * MESSAGES_PER_CLIENT
-        received: list[list[dict]] = [[] for _ in sockets]
-
-        async def reader(index: int) -> None:
-            ws = sockets[index]
-            try:
-                while len(received[index]) < expected:
-                    received[index].append(await recv_json(ws, timeout=5))
-            except TimeoutError:
-                pass
-
-        readers = [asyncio.create_task(reader(i)) for i in range(CLIENTS)]
-        for round_ in range(MESSAGES_PER_CLIENT):
-            for index, ws in enumerate(sockets):
-                await ws.send(json.dumps({"message": f"m{round_}-{index}", "ref": f"{index}.{round_}"}))
-        await asyncio.gather(*readers)
-    return {"received": received, "expected": expected, "seconds": time.monotonic() - started}
 
 
 async def test_every_member_receives_every_message_across_processes_and_replicas(
     stack: RunningStack,
 ) -> None:
-    result = await run_room_fanout(stack, "crossproc")
+    result = await room_fanout(stack, "crossproc")
     received, expected = result["received"], result["expected"]
 
     for index, frames in enumerate(received):
@@ -77,3 +48,21 @@ async def test_every_member_receives_every_message_across_processes_and_replicas
         f"{sum(len(f) for f in received)} deliveries, {len(cross_process)} cross-process pairs, "
         f"{len(cross_replica)} cross-replica pairs, {result['seconds']:.2f} s"
     )
+
+
+def test_in_memory_layer_is_caught_missing_cross_process_delivery(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """The same test against InMemoryChannelLayer must fail: proof that Redis carries messages."""
+    import asyncio
+
+    from tests.harness import started
+
+    with started(tmp_path_factory.mktemp("memory"), CHANNEL_LAYER="memory") as memory_stack:
+        result = asyncio.run(room_fanout(memory_stack, "crossproc"))
+    received, expected = result["received"], result["expected"]
+    short = [len(frames) for frames in received if len(frames) < expected]
+    assert short, "every client got every message without Redis?"
+    pairs = {(f["sent_by"], f["delivered_by"]) for frames in received for f in frames}
+    assert all(sent == delivered for sent, delivered in pairs), "cross-process delivery in memory?"
+    print(f"\nInMemoryChannelLayer: {len(short)}/{CLIENTS} clients missed messages; no cross pairs")

@@ -35,7 +35,9 @@ class Command(BaseCommand):
             self.stdout.write(f"stored notification {note.pk}")
         else:
             event_id = notify_user(
-                user.pk, options["message"], notification_type=options["kind"],
+                user.pk,
+                options["message"],
+                notification_type=options["kind"],
                 data={"source": "command"},
             )
             self.stdout.write(f"sent {event_id}")

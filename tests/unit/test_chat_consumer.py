@@ -1,0 +1,169 @@
+"""ChatConsumer through Channels' WebsocketCommunicator, against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from channels.layers import get_channel_layer
+from channels.routing import URLRouter
+from channels.testing import WebsocketCommunicator
+from django.test import override_settings
+
+from chat.routing import websocket_urlpatterns
+
+pytestmark = pytest.mark.usefixtures("redis_layer")
+
+app = URLRouter(websocket_urlpatterns)
+
+
+async def joined(room: str = "lobby") -> WebsocketCommunicator:
+    communicator = WebsocketCommunicator(app, f"/ws/chat/{room}/")
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected
+    return communicator
+
+
+async def error_for(frame: str) -> dict:
+    communicator = await joined()
+    try:
+        # send_input, not send_to: send_to refuses an empty text frame on the client side.
+        await communicator.send_input({"type": "websocket.receive", "text": frame})
+        reply = await communicator.receive_json_from(timeout=10)
+        assert reply["type"] == "error"
+        assert reply["detail"]
+        # The connection stays open: a valid message still goes through afterwards.
+        await communicator.send_json_to({"message": "still here"})
+        after = await communicator.receive_json_from(timeout=10)
+        assert after["type"] == "chat.message" and after["message"] == "still here"
+        return reply
+    finally:
+        await communicator.disconnect()
+
+
+async def test_message_reaches_every_member_with_all_protocol_fields() -> None:
+    first, second = await joined(), await joined()
+    await first.send_json_to({"message": "hello", "ref": "r-1"})
+    frames = [await c.receive_json_from(timeout=10) for c in (first, second)]
+    for frame in frames:
+        assert frame["type"] == "chat.message"
+        assert frame["message"] == "hello"
+        assert frame["user"] == "anonymous" == frame["username"]
+        assert frame["room"] == "lobby"
+        assert frame["ref"] == "r-1"
+        assert frame["sent_by"].endswith(f":{__import__('os').getpid()}")
+        assert frame["delivered_by"]
+    assert frames[0]["id"] == frames[1]["id"]
+    await first.send_json_to({"message": "no ref"})
+    frame = await first.receive_json_from(timeout=10)
+    assert "ref" not in frame and frame["id"] != frames[0]["id"]
+    await first.disconnect()
+    await second.disconnect()
+
+
+async def test_seed_client_frame_shape_is_served() -> None:
+    """Seed clients send {"message": ...} and read data.message, data.user, data.username."""
+    communicator = await joined("general")
+    await communicator.send_to(text_data=json.dumps({"message": "hi"}))
+    frame = await communicator.receive_json_from(timeout=10)
+    assert (frame["message"], frame["user"], frame["username"]) == ("hi", "anonymous", "anonymous")
+    await communicator.disconnect()
+
+
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ("{not json", "invalid_json"),
+        ("", "invalid_json"),
+        ("[1, 2]", "not_an_object"),
+        ('"message"', "not_an_object"),
+        ("{}", "missing_message"),
+        ('{"text": "hi"}', "missing_message"),
+        ('{"message": 42}', "invalid_message"),
+        ('{"message": null}', "invalid_message"),
+        ('{"message": ["a"]}', "invalid_message"),
+        ('{"message": ""}', "empty_message"),
+        ('{"message": "   "}', "empty_message"),
+        ('{"message": "hi", "ref": 7}', "invalid_ref"),
+        ('{"message": "hi", "ref": "' + "r" * 65 + '"}', "invalid_ref"),
+    ],
+)
+async def test_rejected_messages_get_a_stable_error_code(frame: str, code: str) -> None:
+    assert (await error_for(frame))["code"] == code
+
+
+async def test_message_over_the_character_limit_is_rejected() -> None:
+    with override_settings(CHAT_MAX_MESSAGE_CHARS=10):
+        assert (await error_for('{"message": "' + "x" * 11 + '"}'))["code"] == "message_too_long"
+
+
+async def test_binary_frames_are_rejected() -> None:
+    communicator = await joined()
+    await communicator.send_to(bytes_data=b'{"message": "hi"}')
+    reply = await communicator.receive_json_from(timeout=10)
+    assert reply["code"] == "binary_not_supported"
+    await communicator.disconnect()
+
+
+async def test_flood_past_the_rate_gets_rate_limited_and_the_rest_is_delivered() -> None:
+    with override_settings(CHAT_RATE_PER_SECOND=1, CHAT_RATE_BURST=3):
+        communicator = await joined("flood")
+        for i in range(5):
+            await communicator.send_json_to({"message": f"m{i}"})
+        frames = [await communicator.receive_json_from(timeout=10) for _ in range(5)]
+        await communicator.disconnect()
+    delivered = [f["message"] for f in frames if f["type"] == "chat.message"]
+    limited = [f for f in frames if f["type"] == "error"]
+    assert delivered == ["m0", "m1", "m2"]
+    assert [f["code"] for f in limited] == ["rate_limited", "rate_limited"]
+
+
+@pytest.mark.parametrize("room", ["a" * 65, "bad.name", "spaces here", "ünï", "a%2Fb"])
+async def test_invalid_room_names_are_refused_with_a_reason(room: str) -> None:
+    communicator = WebsocketCommunicator(app, f"/ws/chat/{room}/")
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected  # accepted only to say why
+    reply = await communicator.receive_json_from(timeout=10)
+    assert reply["code"] == "invalid_room"
+    assert (await communicator.receive_output(timeout=10)) == {
+        "type": "websocket.close",
+        "code": 4400,
+    }
+
+
+async def test_event_of_unknown_type_is_ignored_not_fatal() -> None:
+    communicator = await joined("unknown")
+    await get_channel_layer().group_send("chat.unknown", {"type": "order.created", "order_id": 1})
+    await get_channel_layer().group_send(
+        "chat.unknown",
+        {
+            "type": "chat.message",
+            "id": "x",
+            "message": "after",
+            "user": "u",
+            "room": "unknown",
+            "sent_by": "elsewhere:1",
+        },
+    )
+    frame = await communicator.receive_json_from(timeout=10)
+    assert frame["message"] == "after" and frame["sent_by"] == "elsewhere:1"
+    await communicator.disconnect()
+
+
+async def test_disconnect_leaves_the_group() -> None:
+    communicator = await joined("leave")
+    layer = get_channel_layer()
+    await communicator.disconnect()
+    # channels-redis keeps groups in a sorted set: after leaving, the group is empty.
+    connection = layer.connection(layer.consistent_hash("chat.leave"))
+    assert await connection.zcard(layer._group_key("chat.leave")) == 0
+
+
+async def test_unknown_websocket_path_is_refused_with_a_reason() -> None:
+    from config.routing import websocket_urlpatterns as all_routes
+
+    communicator = WebsocketCommunicator(URLRouter(all_routes), "/ws/nothing-here/")
+    connected, _ = await communicator.connect(timeout=10)
+    assert connected
+    assert (await communicator.receive_json_from(timeout=10))["code"] == "not_found"
+    assert (await communicator.receive_output(timeout=10))["code"] == 4404
