@@ -45,6 +45,9 @@ format: venv  ## Apply ruff's fixes and formatting
 createsuperuser: venv  ## Create an admin user for the native stack
 	$(BIN)/python -m infra.stack manage createsuperuser
 
+settings-table: venv  ## Regenerate the README's settings table from app/config/env.py
+	$(BIN)/python app/config/env.py --write-readme README.md
+
 lock: venv  ## Re-pin requirements/*.txt from pyproject.toml
 	$(BIN)/pip install -q uv
 	$(BIN)/uv pip compile pyproject.toml --python-version 3.11 --python-platform x86_64-manylinux_2_28 --no-header --quiet -o requirements/main.txt

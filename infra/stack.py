@@ -197,8 +197,28 @@ class Stack:
         lines += [f"{key}={value}" for key, value in options.items()]
         return "\n".join(lines) + "\n"
 
-    def _write_supervisor_conf(self, *, foreground: bool) -> None:
+    def app_program(self, index: int, port: int, *, foreground: bool) -> str:
+        """The supervisord section of replica ``index`` (1-based), listening on ``port``.
+
+        A hook: loadtests' baselines serve other apps behind the same nginx and Redis.
+        """
         graceful = env.get_int("GRACEFUL_TIMEOUT", environ=self.environ)
+        return self._program(
+            f"app{index}",
+            f"{BIN / 'gunicorn'} -c {ROOT / 'infra' / 'gunicorn.conf.py'}",
+            foreground=foreground,
+            priority="20",
+            directory=str(ROOT / "app"),
+            environment=f'PORT="{port}",REPLICA_NAME="{self.replica_name(index)}"',
+            # gunicorn's TERM is graceful: websockets get GRACEFUL_TIMEOUT to close.
+            stopsignal="TERM",
+            stopwaitsecs=str(graceful + 10),
+            stopasgroup="true",
+            killasgroup="true",
+            startsecs="2",
+        )
+
+    def _write_supervisor_conf(self, *, foreground: bool) -> None:
         sections = [
             f"[unix_http_server]\nfile={self.run_dir / 'supervisor.sock'}\nchmod=0700\n",
             "[supervisord]\n"
@@ -216,22 +236,7 @@ class Stack:
             ),
         ]
         for index, port in enumerate(self.app_ports, start=1):
-            sections.append(
-                self._program(
-                    f"app{index}",
-                    f"{BIN / 'gunicorn'} -c {ROOT / 'infra' / 'gunicorn.conf.py'}",
-                    foreground=foreground,
-                    priority="20",
-                    directory=str(ROOT / "app"),
-                    environment=f'PORT="{port}",REPLICA_NAME="{self.replica_name(index)}"',
-                    # gunicorn's TERM is graceful: websockets get GRACEFUL_TIMEOUT to close.
-                    stopsignal="TERM",
-                    stopwaitsecs=str(graceful + 10),
-                    stopasgroup="true",
-                    killasgroup="true",
-                    startsecs="2",
-                )
-            )
+            sections.append(self.app_program(index, port, foreground=foreground))
         sections.append(
             self._program(
                 "nginx",
@@ -256,6 +261,13 @@ class Stack:
             text=True,
         )
 
+    def prepare_app(self) -> None:
+        """Migrate the database and collect static files (a hook, like :meth:`app_program`)."""
+        for step in (("migrate", "--noinput"), ("collectstatic", "--noinput")):
+            result = self.manage(*step, check=False)
+            if result.returncode != 0:
+                raise SystemExit(f"manage.py {' '.join(step)} failed:\n{result.stderr}")
+
     def prepare(self, *, foreground: bool) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
@@ -263,10 +275,7 @@ class Stack:
         self._write_redis_conf()
         self._write_nginx()
         self._write_supervisor_conf(foreground=foreground)
-        for step in (("migrate", "--noinput"), ("collectstatic", "--noinput")):
-            result = self.manage(*step, check=False)
-            if result.returncode != 0:
-                raise SystemExit(f"manage.py {' '.join(step)} failed:\n{result.stderr}")
+        self.prepare_app()
         result = subprocess.run(
             [
                 _system_binary("nginx"),
@@ -363,12 +372,15 @@ class Stack:
         """Until every replica's /readyz and nginx's TLS port answer 200."""
         urls = [f"http://127.0.0.1:{port}/readyz" for port in self.app_ports]
         deadline = time.monotonic() + timeout
+        seen_running = False
         while time.monotonic() < deadline:
+            running = self.is_running()
+            if seen_running and not running:
+                break  # supervisord gave up: no point waiting
+            seen_running |= running
             urls = [url for url in urls if not self._ready(url)]
             if not urls and self._ready(f"{self.base_url}/healthz", self.ssl_context()):
                 return
-            if not self.is_running():
-                break
             time.sleep(0.25)
         logs = "\n".join(
             f"--- {log.name}\n" + "\n".join(log.read_text(errors="replace").splitlines()[-15:])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
@@ -18,6 +19,7 @@ CONTENT_SECURITY_POLICY = (
 def room(request: HttpRequest, room_name: str) -> HttpResponse:
     if not is_valid_room(room_name):
         raise Http404("Room names are 1-64 characters of A-Z, a-z, 0-9, '_' and '-'.")
-    response = render(request, "chat/room.html", {"room_name": room_name})
+    context = {"room_name": room_name, "max_chars": settings.CHAT_MAX_MESSAGE_CHARS}
+    response = render(request, "chat/room.html", context)
     response["Content-Security-Policy"] = CONTENT_SECURITY_POLICY
     return response

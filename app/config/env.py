@@ -241,5 +241,23 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_START = "<!-- settings-table:start -->"
+README_END = "<!-- settings-table:end -->"
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the generated table between its settings-table markers."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
-    print(markdown_table())
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:2] == ["--write-readme"]:
+        readme = Path(sys.argv[2])
+        readme.write_text(with_table(readme.read_text()))
+    else:
+        print(markdown_table())

@@ -96,3 +96,10 @@ def test_every_setting_read_in_code_is_declared_once() -> None:
         used |= set(pattern.findall(path.read_text()))
     assert used - set(names) == set()
     assert set(names) - used == set(), "declared but never read"
+
+
+def test_readme_settings_table_is_generated_from_the_one_table() -> None:
+    readme = (APP.parent / "README.md").read_text()
+    assert env.with_table(readme) == readme, "README drifted: run `make settings-table`"
+    for setting in env.SETTINGS:
+        assert f"| `{setting.name}` |" in readme

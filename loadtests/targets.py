@@ -1,0 +1,296 @@
+"""What a load test runs against: a running stack by URL, or one the tool starts itself.
+
+``--target`` takes either
+
+* a URL, ``https://localhost:8443``: a stack that is already running (``make start``). Its CA
+  comes from ``--ca``; ``--run-dir`` (default ``.run`` when it exists) lets the tool find the
+  stack's process ids for memory and CPU figures;
+* the name of a target the tool starts on free loopback ports, each with its own redis-server,
+  nginx (the same configuration files as Switchboard) and CA, stopped again at the end:
+
+  - ``switchboard``: this stack (``infra.stack.Stack``; 3 replicas x 2 uvicorn workers unless
+    told otherwise);
+  - ``tutorial``: the seeds' tutorial setup, one daphne process, stock ``RedisChannelLayer``;
+  - ``nodjango``: the upper bound, a plain ``websockets`` server in 2 processes on Redis pub/sub.
+
+  A name takes settings after a colon: ``switchboard:CHANNEL_LAYER=pubsub,WEB_CONCURRENCY=1``;
+  ``replicas=N`` sets the number of app processes (replicas for Switchboard) and ``label=...``
+  the name shown in the report.
+
+Only loopback addresses are ever targets: anything else is refused before a socket is opened.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import random
+import shutil
+import socket
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from infra.stack import BIN, ROOT, Stack
+from loadtests.client import Endpoint
+
+BASELINES = Path(__file__).resolve().parent / "baselines"
+
+#: Settings every started Switchboard gets, on top of the defaults in app/config/env.py: the
+#: load generator sends from a few hundred connections far faster than a person types, so the
+#: per-connection chat rate limit would refuse most of it.
+SWITCHBOARD_BENCH_ENV = {"CHAT_RATE_PER_SECOND": "100000", "CHAT_RATE_BURST": "100000"}
+
+
+class TargetError(ValueError):
+    """A --target that cannot be used (not loopback, unknown name, bad setting)."""
+
+
+def require_loopback(host: str, port: int) -> str:
+    """The first address ``host`` resolves to, if every address it resolves to is loopback."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise TargetError(f"cannot resolve {host!r}: {exc}") from None
+    addresses = [info[4][0] for info in infos]
+    outside = [a for a in addresses if not ipaddress.ip_address(a.split("%")[0]).is_loopback]
+    if outside or not addresses:
+        raise TargetError(
+            f"{host} resolves to {', '.join(outside) or 'nothing'}: load tests only run against "
+            "loopback addresses (127.0.0.0/8, ::1)"
+        )
+    ipv4 = [a for a in addresses if ":" not in a]
+    return ipv4[0] if ipv4 else addresses[0]
+
+
+def free_port_run(count: int, attempts: int = 100) -> int:
+    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(attempts):
+        base = random.randrange(20000, 60000 - count)
+        probes = []
+        try:
+            for port in range(base, base + count):
+                probe = socket.socket()
+                probes.append(probe)
+                probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+        return base
+    raise TargetError(f"found no {count} consecutive free ports")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(child) for child in text.split()]
+
+
+class TutorialStack(Stack):
+    """The seeds' tutorial setup behind Switchboard's nginx: one daphne process."""
+
+    def app_program(self, index: int, port: int, *, foreground: bool) -> str:
+        return self._program(
+            f"app{index}",
+            f"{BIN / 'daphne'} -b 127.0.0.1 -p {port} tutorial.asgi:application",
+            foreground=foreground,
+            priority="20",
+            directory=str(BASELINES),
+            environment='DJANGO_SETTINGS_MODULE="tutorial.settings"',
+            stopsignal="TERM",
+            stopwaitsecs="10",
+            startsecs="2",
+        )
+
+    def prepare_app(self) -> None:
+        """Nothing to migrate or collect: the tutorial keeps no data."""
+
+
+class NoDjangoStack(Stack):
+    """The no-Django upper bound behind Switchboard's nginx: one server process per 'replica'."""
+
+    def app_program(self, index: int, port: int, *, foreground: bool) -> str:
+        return self._program(
+            f"app{index}",
+            f"{BIN / 'python'} -m loadtests.baselines.nodjango --port {port} "
+            f"--name {self.replica_name(index).replace('-app', '-nodjango')}",
+            foreground=foreground,
+            priority="20",
+            directory=str(ROOT),
+            stopsignal="TERM",
+            stopwaitsecs="10",
+            startsecs="2",
+        )
+
+    def prepare_app(self) -> None:
+        """Nothing to migrate or collect."""
+
+
+#: name -> (Stack class, app processes by default, what it is)
+MANAGED = {
+    "switchboard": (Stack, 3, "this stack: gunicorn/uvicorn replicas, Channels, Redis layer"),
+    "tutorial": (TutorialStack, 1, "seeds' tutorial: 1 daphne process, stock RedisChannelLayer"),
+    "nodjango": (NoDjangoStack, 2, "upper bound: plain websockets, 2 processes, Redis pub/sub"),
+}
+
+
+@dataclass
+class Target:
+    """One thing under test, with what the report needs to know about it."""
+
+    label: str
+    endpoint: Endpoint
+    description: str = ""
+    stack: Stack | None = None
+    managed: bool = False
+    workers_per_replica: int = 1
+    settings: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def expected_processes(self) -> int | None:
+        """Server processes that take websockets, when known."""
+        if self.stack is None:
+            return None
+        return self.stack.replicas * self.workers_per_replica
+
+    # -- processes, for memory and CPU ---------------------------------------------------------
+    def _program_pid(self, program: str) -> int | None:
+        if self.stack is None or not self.stack.is_running():
+            return None
+        out = self.stack.supervisorctl("pid", program).stdout.strip()
+        return int(out) if out.isdigit() and out != "0" else None
+
+    def pids(self) -> dict[str, list[int]]:
+        """``{"app": [...], "nginx": [...], "redis": [...]}``: the processes serving this target
+        (app: the worker processes that hold websockets). Empty when unknown."""
+        found: dict[str, list[int]] = {"app": [], "nginx": [], "redis": []}
+        if self.stack is None:
+            return found
+        for index in range(1, self.stack.replicas + 1):
+            pid = self._program_pid(f"app{index}")
+            if pid is not None:
+                found["app"].extend(_children(pid) or [pid])
+        nginx = self._program_pid("nginx")
+        if nginx is not None:
+            found["nginx"] = [nginx, *_children(nginx)]
+        redis = self._program_pid("redis")
+        if redis is not None:
+            found["redis"] = [redis]
+        return found
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.managed and self.stack is not None:
+            self.stack.start(timeout=120)
+
+    def stop(self, keep: bool = False) -> None:
+        if self.managed and self.stack is not None:
+            self.stack.stop()
+            if not keep:
+                shutil.rmtree(self.stack.run_dir, ignore_errors=True)
+
+
+def _parse_settings(text: str) -> dict[str, str]:
+    settings = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise TargetError(f"setting {item!r} is not KEY=VALUE")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Target:
+    cls, default_processes, description = MANAGED[name]
+    label = settings.pop("label", name if not settings else f"{name}:{_describe(settings)}")
+    replicas = int(settings.pop("replicas", default_processes))
+    workers = int(settings.get("WEB_CONCURRENCY", "2")) if cls is Stack else 1
+    base = free_port_run(replicas + 3)
+    run_dir = Path(tempfile.mkdtemp(prefix=f"loadtest-{name}-", dir=run_root))
+    # The caller's DJANGO_* settings (a test run's debug mode, say) must not leak into a stack
+    # that stands for production; everything else in the environment is passed on.
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+    environ.update(
+        DJANGO_DEBUG="false",
+        SWITCHBOARD_RUN_DIR=str(run_dir),
+        SWITCHBOARD_REPLICAS=str(replicas),
+        SWITCHBOARD_REDIS_PORT=str(base),
+        SWITCHBOARD_HTTPS_PORT=str(base + 1),
+        SWITCHBOARD_HTTP_PORT=str(base + 2),
+        SWITCHBOARD_APP_PORT_BASE=str(base + 3),
+        DATABASE_URL=f"sqlite:///{run_dir / 'db.sqlite3'}",
+        WEB_CONCURRENCY=str(workers),
+    )
+    if name == "switchboard":
+        environ.update(SWITCHBOARD_BENCH_ENV)
+    environ.update(settings)
+    stack = cls.from_env(environ)
+    endpoint = Endpoint(
+        server_name="localhost",
+        address="127.0.0.1",
+        port=stack.https_port,
+        ca_file=str(stack.ca_file),
+        origin=stack.base_url,
+    )
+    return Target(
+        label=label, endpoint=endpoint, description=description, stack=stack, managed=True,
+        workers_per_replica=workers, settings=settings,
+    )
+
+
+def _describe(settings: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items())
+
+
+def _from_url(url: str, ca_file: str | None, origin: str | None, run_dir: str | None) -> Target:
+    parts = urlsplit(url)
+    if parts.scheme not in {"https", "wss"} or not parts.hostname:
+        raise TargetError(f"{url!r}: give https://host:port (TLS is verified against --ca)")
+    port = parts.port or 443
+    address = require_loopback(parts.hostname, port)
+    stack = None
+    candidate = Path(run_dir) if run_dir else ROOT / ".run"
+    if (candidate / "supervisord.conf").exists():
+        environ = dict(os.environ, SWITCHBOARD_RUN_DIR=str(candidate.resolve()))
+        stack = Stack.from_env(environ)
+        if stack.https_port != port:  # a different stack than the one at this URL
+            stack = None
+    ca = ca_file or (str(stack.ca_file) if stack is not None else None)
+    if ca is None:
+        raise TargetError(f"{url}: give --ca (the CA certificate that signed the server's)")
+    base = f"https://{parts.netloc}"
+    endpoint = Endpoint(
+        server_name=parts.hostname, address=address, port=port, ca_file=ca,
+        origin=origin or base,
+    )
+    workers = 2
+    if stack is not None:
+        workers = int(stack.environ.get("WEB_CONCURRENCY", "2"))
+    return Target(label=base, endpoint=endpoint, description="running stack", stack=stack,
+                  workers_per_replica=workers)
+
+
+def parse_target(
+    spec: str, *, ca_file: str | None = None, origin: str | None = None,
+    run_dir: str | None = None, run_root: Path | None = None,
+) -> Target:
+    """A :class:`Target` from a ``--target`` value (see the module docstring)."""
+    if "://" in spec:
+        return _from_url(spec, ca_file, origin, run_dir)
+    name, _, settings = spec.partition(":")
+    if name not in MANAGED:
+        known = ", ".join(MANAGED)
+        raise TargetError(f"unknown target {name!r}: give https://host:port or one of {known}")
+    if name == "tutorial" and shutil.which("daphne", path=str(BIN)) is None:
+        raise TargetError("the tutorial baseline needs daphne: pip install -e '.[loadtest]'")
+    return _managed(name, _parse_settings(settings), run_root)
+
+
+def python_version() -> str:
+    return sys.version.split()[0]
