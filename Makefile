@@ -9,8 +9,9 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # The static checks' tools (checkov, hadolint, ...) live in a virtualenv of their own.
 VALIDATORS ?= .venv-validators
-# Debian packages only the tests need: PostgreSQL for the e2e run against a real database.
-TEST_PACKAGES ?= postgresql
+# Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
+# envsubst (gettext-base) to render the nginx template as the nginx image does.
+TEST_PACKAGES ?= postgresql gettext-base
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 

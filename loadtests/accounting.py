@@ -22,6 +22,9 @@ from typing import Any
 
 #: Width of one bin of the deliveries-over-time series, in seconds.
 BIN_SECONDS = 0.1
+#: Edges of the latency histogram: ten bins per decade from 0.1 ms to 10 s (the first and last
+#: bins also take what falls outside).
+HISTOGRAM_EDGES_MS = [10 ** (i / 10) for i in range(-10, 41)]
 
 
 class StreamStats:
@@ -81,8 +84,14 @@ class Receipts:
     moved: int = 0
 
     def record(
-        self, receiver: int, sender: int, seq: int, latency_ms: float, elapsed_s: float,
-        sent_by: str | None, delivered_by: str | None,
+        self,
+        receiver: int,
+        sender: int,
+        seq: int,
+        latency_ms: float,
+        elapsed_s: float,
+        sent_by: str | None,
+        delivered_by: str | None,
     ) -> None:
         """One delivery: ``receiver`` got message ``seq`` of ``sender`` after ``latency_ms``,
         ``elapsed_s`` after the phase started."""
@@ -142,6 +151,16 @@ def latency_summary(latencies: Iterable[float]) -> dict[str, float]:
     }
 
 
+def latency_histogram(latencies: Iterable[float]) -> list[int]:
+    """Counts per bin of :data:`HISTOGRAM_EDGES_MS`."""
+    bins = len(HISTOGRAM_EDGES_MS) - 1
+    counts = [0] * bins
+    for value in latencies:
+        slot = math.floor(10 * math.log10(value)) + 10 if value > 0 else 0
+        counts[min(bins - 1, max(0, slot))] += 1
+    return counts
+
+
 def replica_of(process: str) -> str:
     """``"host-app2:1234"`` -> ``"host-app2"`` (a process id is ``<replica>:<pid>``)."""
     return process.rsplit(":", 1)[0]
@@ -172,6 +191,7 @@ class PhaseAccount:
     messages_partial: int
     messages_unseen: int
     latency: dict[str, float]
+    latency_histogram: list[int]
     deliveries_per_s: float
     offered_per_s: float
     active_s: float
@@ -227,6 +247,7 @@ class PhaseAccount:
                 "unseen": self.messages_unseen,
             },
             "latency_ms": self.latency,
+            "latency_histogram": {"edges_ms": HISTOGRAM_EDGES_MS, "counts": self.latency_histogram},
             "deliveries_per_s": self.deliveries_per_s,
             "offered_deliveries_per_s": self.offered_per_s,
             "active_s": self.active_s,
@@ -235,9 +256,13 @@ class PhaseAccount:
                 str(sender): vars(account) for sender, account in sorted(self.per_sender.items())
             },
             "pairs": [
-                {"sent_by": s, "delivered_by": d, "deliveries": n,
-                 "cross_process": s is not None and s != d,
-                 "cross_replica": s is not None and replica_of(s) != replica_of(d)}
+                {
+                    "sent_by": s,
+                    "delivered_by": d,
+                    "deliveries": n,
+                    "cross_process": s is not None and s != d,
+                    "cross_replica": s is not None and replica_of(s) != replica_of(d),
+                }
                 for s, d, n in self.pairs
             ],
             "distinct_process_pairs": len(self.process_pairs),
@@ -327,6 +352,7 @@ def account(
         messages_partial=partial,
         messages_unseen=unseen,
         latency=latency_summary(receipts.latencies_ms),
+        latency_histogram=latency_histogram(receipts.latencies_ms),
         deliveries_per_s=received / active_s if active_s > 0 else 0.0,
         offered_per_s=expected / duration_s if duration_s > 0 else 0.0,
         active_s=active_s,

@@ -98,7 +98,7 @@ def parse_message(tag: str, text: str) -> tuple[int, int, int, int] | None:
     if not text.startswith(tag):
         return None
     try:
-        phase, sender, seq, sent_ns, _ = text[len(tag):].split(".", 4)
+        phase, sender, seq, sent_ns, _ = text[len(tag) :].split(".", 4)
         return int(phase), int(sender), int(seq), int(sent_ns)
     except ValueError:
         return None
@@ -185,8 +185,13 @@ class Worker:
         phase.frames += 1
         phase.last_frame = time.monotonic()
         phase.receipts.record(
-            conn.conn_id, sender, seq, (now - sent_ns) / 1e6, (now - phase.t0_ns) / 1e9,
-            frame.get("sent_by"), delivered_by,
+            conn.conn_id,
+            sender,
+            seq,
+            (now - sent_ns) / 1e6,
+            (now - phase.t0_ns) / 1e9,
+            frame.get("sent_by"),
+            delivered_by,
         )
 
     # -- commands ------------------------------------------------------------------------------
@@ -268,7 +273,12 @@ class Worker:
         return list(await asyncio.gather(*(one(spec) for spec in specs)))
 
     async def send_phase(
-        self, phase_id: int, t0_ns: int, rate: float, count: int, senders: Sequence[int],
+        self,
+        phase_id: int,
+        t0_ns: int,
+        rate: float,
+        count: int,
+        senders: Sequence[int],
         pad: str,
     ) -> SendOutcome:
         """Start recording ``phase_id``; each of ``senders`` sends ``count`` messages at ``rate``
@@ -411,7 +421,9 @@ class ClientPool:
         for index in range(self.size):
             parent, child = context.Pipe()
             proc = context.Process(
-                target=_worker_main, args=(index, child, self.tag), daemon=True,
+                target=_worker_main,
+                args=(index, child, self.tag),
+                daemon=True,
                 name=f"loadtests-client-{index}",
             )
             proc.start()
@@ -441,8 +453,10 @@ class ClientPool:
         return [p.pid for p in self._procs if p.pid is not None]
 
     def call(
-        self, commands: Sequence[tuple[str, tuple] | None],
-        tick: Callable[[], None] | None = None, timeout: float = 600,
+        self,
+        commands: Sequence[tuple[str, tuple] | None],
+        tick: Callable[[], None] | None = None,
+        timeout: float = 600,
     ) -> list[Any]:
         """Send ``commands[i]`` to process ``i`` (``None``: skip it) and wait for every reply,
         calling ``tick`` a few times a second meanwhile."""

@@ -46,7 +46,9 @@ class Progress:
         fraction = min(1.0, elapsed / self.seconds)
         filled = int(fraction * WIDTH)
         bar = "#" * filled + "-" * (WIDTH - filled)
-        line = f"\r{self.label[:38]:<38} [{bar}] {fraction * 100:3.0f}% {elapsed:5.1f}s {self.detail}"
+        line = (
+            f"\r{self.label[:38]:<38} [{bar}] {fraction * 100:3.0f}% {elapsed:5.1f}s {self.detail}"
+        )
         self.stream.write(line[:160].ljust(100))
         self.stream.flush()
 

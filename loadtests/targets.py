@@ -25,6 +25,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -239,8 +240,13 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
         origin=stack.base_url,
     )
     return Target(
-        label=label, endpoint=endpoint, description=description, stack=stack, managed=True,
-        workers_per_replica=workers, settings=settings,
+        label=label,
+        endpoint=endpoint,
+        description=description,
+        stack=stack,
+        managed=True,
+        workers_per_replica=workers,
+        settings=settings,
     )
 
 
@@ -256,29 +262,48 @@ def _from_url(url: str, ca_file: str | None, origin: str | None, run_dir: str | 
     address = require_loopback(parts.hostname, port)
     stack = None
     candidate = Path(run_dir) if run_dir else ROOT / ".run"
-    if (candidate / "supervisord.conf").exists():
-        environ = dict(os.environ, SWITCHBOARD_RUN_DIR=str(candidate.resolve()))
+    conf = candidate / "supervisord.conf"
+    nginx_site = candidate / "nginx" / "conf.d" / "switchboard.conf"
+    # Only a run directory whose nginx listens on this URL's port describes this stack.
+    if conf.exists() and nginx_site.exists() and f"listen {port} ssl" in nginx_site.read_text():
+        replicas = len(re.findall(r"^\[program:app\d+\]", conf.read_text(), re.MULTILINE))
+        environ = dict(
+            os.environ,
+            SWITCHBOARD_RUN_DIR=str(candidate.resolve()),
+            SWITCHBOARD_REPLICAS=str(max(1, replicas)),
+            SWITCHBOARD_HTTPS_PORT=str(port),
+        )
         stack = Stack.from_env(environ)
-        if stack.https_port != port:  # a different stack than the one at this URL
-            stack = None
     ca = ca_file or (str(stack.ca_file) if stack is not None else None)
     if ca is None:
         raise TargetError(f"{url}: give --ca (the CA certificate that signed the server's)")
     base = f"https://{parts.netloc}"
     endpoint = Endpoint(
-        server_name=parts.hostname, address=address, port=port, ca_file=ca,
+        server_name=parts.hostname,
+        address=address,
+        port=port,
+        ca_file=ca,
         origin=origin or base,
     )
     workers = 2
     if stack is not None:
         workers = int(stack.environ.get("WEB_CONCURRENCY", "2"))
-    return Target(label=base, endpoint=endpoint, description="running stack", stack=stack,
-                  workers_per_replica=workers)
+    return Target(
+        label=base,
+        endpoint=endpoint,
+        description="running stack",
+        stack=stack,
+        workers_per_replica=workers,
+    )
 
 
 def parse_target(
-    spec: str, *, ca_file: str | None = None, origin: str | None = None,
-    run_dir: str | None = None, run_root: Path | None = None,
+    spec: str,
+    *,
+    ca_file: str | None = None,
+    origin: str | None = None,
+    run_dir: str | None = None,
+    run_root: Path | None = None,
 ) -> Target:
     """A :class:`Target` from a ``--target`` value (see the module docstring)."""
     if "://" in spec:

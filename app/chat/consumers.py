@@ -12,6 +12,7 @@ from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_
 from realtime import jsonframes
 from realtime.consumers import GroupMemberConsumer
 from realtime.identity import process_id
+from realtime.membership import keeper
 from realtime.ratelimit import TokenBucket
 
 logger = logging.getLogger("chat")
@@ -75,8 +76,9 @@ class ChatConsumer(GroupMemberConsumer):
             event["ref"] = incoming.ref
         try:
             await self.channel_layer.group_send(self.group, event)
-        except Exception:
-            logger.warning("group_send failed for room=%s", self.room, exc_info=True)
+        except Exception as exc:  # Redis unreachable: the sender is told, nothing is queued
+            logger.warning("group_send failed for room=%s (%s)", self.room, type(exc).__name__)
+            keeper.poke()
             await self.send_error(
                 ErrorCode.UNAVAILABLE,
                 "The message could not be delivered (channel layer unavailable); send it again.",

@@ -6,6 +6,8 @@ import asyncio
 import uuid
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from channels.layers import get_channel_layer
 from django.conf import settings
 
@@ -20,6 +22,9 @@ def _client() -> aioredis.Redis:
     if _redis is None:
         options = redis_connection_options() | {"socket_timeout": 2, "socket_connect_timeout": 2}
         options["max_connections"] = 4
+        # A probe reports the state now; retrying is the prober's business (and would make a
+        # "Redis is down" answer slower than the prober's timeout).
+        options["retry"] = Retry(NoBackoff(), 0)
         _redis = aioredis.Redis.from_url(env.get("REDIS_URL"), **options)
     return _redis
 

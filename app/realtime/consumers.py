@@ -75,6 +75,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
                 return await self._layer_receive()
             except Exception as exc:  # Redis unreachable; realtime.membership logs the outage
                 logger.debug("channel layer receive failed (%s); retrying", type(exc).__name__)
+                keeper.poke()
                 await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
                 delay = min(delay * 2, RECEIVE_RETRY_MAX_SECONDS)
 

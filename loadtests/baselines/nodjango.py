@@ -60,7 +60,7 @@ class FanoutServer:
             if item.get("type") != "message":
                 continue
             channel = item["channel"].decode()
-            members = self.rooms.get(channel[len(CHANNEL_PREFIX):])
+            members = self.rooms.get(channel[len(CHANNEL_PREFIX) :])
             if not members:
                 continue
             event = orjson.loads(item["data"])
@@ -133,14 +133,21 @@ async def main(port: int, name: str) -> None:
     server = FanoutServer(os.environ["REDIS_URL"], name)
     reader = asyncio.create_task(server.reader())
     async with serve(
-        server.handler, "127.0.0.1", port,
+        server.handler,
+        "127.0.0.1",
+        port,
         process_request=server.process_request,
-        compression=None, max_size=65536, ping_interval=20, ping_timeout=20,
+        compression=None,
+        max_size=65536,
+        ping_interval=20,
+        ping_timeout=20,
         server_header=None,
     ) as ws_server:
         logger.warning("nodjango %s listening on 127.0.0.1:%d", server.process, port)
-        await asyncio.wait([reader, asyncio.ensure_future(ws_server.serve_forever())],
-                           return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(
+            [reader, asyncio.ensure_future(ws_server.serve_forever())],
+            return_when=asyncio.FIRST_COMPLETED,
+        )
     reader.result()
 
 

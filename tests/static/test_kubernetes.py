@@ -29,9 +29,16 @@ _CRD_WARNING = re.compile(
 )
 
 
-def _kubernetes_validate(vbin: Path, path: Path) -> tuple[set[str], list[str]]:
+#: The oldest Kubernetes the manifests support (the preStop `sleep` action is 1.30) and the
+#: newest the pinned kubernetes-validate knows.
+KUBERNETES_VERSIONS = ("1.30.0", "1.37.0")
+
+
+def _kubernetes_validate(
+    vbin: Path, path: Path, version: str = KUBERNETES_VERSIONS[-1]
+) -> tuple[set[str], list[str]]:
     """``(resources that passed, findings)`` of kubernetes-validate --strict on one file."""
-    result = run([str(vbin / "kubernetes-validate"), "--strict", str(path)])
+    result = run([str(vbin / "kubernetes-validate"), "--strict", "-k", version, str(path)])
     passed, findings = set(), []
     for line in (result.stdout + result.stderr).splitlines():
         if " passed for resource " in line and line.startswith("INFO "):
@@ -45,11 +52,16 @@ def _kubernetes_validate(vbin: Path, path: Path) -> tuple[set[str], list[str]]:
     return passed, findings
 
 
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_passes_kubernetes_validate_strict(
-    overlay: str, vbin: Path, rendered: dict[str, Path], manifests: dict[str, list[dict]]
+    overlay: str,
+    version: str,
+    vbin: Path,
+    rendered: dict[str, Path],
+    manifests: dict[str, list[dict]],
 ) -> None:
-    passed, findings = _kubernetes_validate(vbin, rendered[overlay])
+    passed, findings = _kubernetes_validate(vbin, rendered[overlay], version)
     assert not findings, "\n".join(findings)
     builtin = {
         f"{doc['kind'].lower()}/{doc['metadata']['name']}"

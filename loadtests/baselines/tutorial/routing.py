@@ -1,5 +1,4 @@
 from django.urls import re_path
-
 from tutorial import consumers
 
 websocket_urlpatterns = [
