@@ -162,7 +162,6 @@ class Stack:
         if target.exists():
             shutil.rmtree(target)
         (target / "conf.d").mkdir(parents=True)
-        (target / "tmp").mkdir()
         shutil.copy(NGINX_DIR / "nginx.conf", target / "nginx.conf")
         shutil.copytree(NGINX_DIR / "snippets", target / "snippets")
         shutil.copy("/etc/nginx/mime.types", target / "mime.types")

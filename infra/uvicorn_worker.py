@@ -24,7 +24,8 @@ def uvicorn_options() -> dict[str, Any]:
     return {
         "loop": "uvloop",
         "http": "httptools",
-        "ws": "websockets",
+        # The sans-I/O implementation: the legacy "websockets" one is deprecated in uvicorn.
+        "ws": "websockets-sansio",
         # Frames above this close the socket with 1009 (message too big).
         "ws_max_size": env.get_int("WS_MAX_MESSAGE_BYTES", minimum=1024),
         # Pings keep idle sockets alive through proxies and detect vanished peers.

@@ -75,9 +75,11 @@ class ChatConsumer(GroupMemberConsumer):
         if incoming.ref is not None:
             event["ref"] = incoming.ref
         try:
+            if not keeper.available:  # Redis down, or memberships not restored yet
+                raise ConnectionError("channel layer recovering")
             await self.channel_layer.group_send(self.group, event)
         except Exception as exc:  # Redis unreachable: the sender is told, nothing is queued
-            logger.warning("group_send failed for room=%s (%s)", self.room, type(exc).__name__)
+            logger.info("group_send refused for room=%s (%s)", self.room, type(exc).__name__)
             keeper.poke()
             await self.send_error(
                 ErrorCode.UNAVAILABLE,

@@ -6,10 +6,10 @@ import asyncio
 import uuid
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from channels.layers import get_channel_layer
 from django.conf import settings
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from config import env
 from config.channel_layers import redis_connection_options

@@ -76,7 +76,9 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             except Exception as exc:  # Redis unreachable; realtime.membership logs the outage
                 logger.debug("channel layer receive failed (%s); retrying", type(exc).__name__)
                 keeper.poke()
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 (jitter)
+                jitter = random.uniform(0.5, 1.5)  # noqa: S311 (not cryptographic)
+                await asyncio.sleep(RECEIVE_RETRY_FIRST_SECONDS * jitter)
+                await keeper.wait_available(delay)
                 delay = min(delay * 2, RECEIVE_RETRY_MAX_SECONDS)
 
     async def websocket_connect(self, message: dict[str, Any]) -> None:

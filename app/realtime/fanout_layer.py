@@ -1,35 +1,39 @@
 """A Redis pub/sub channel layer that fans out once per process (``CHANNEL_LAYER=fanout``).
 
 Why: with channels-redis' core layer every group message costs Redis one sorted-set insert per
-*member* and every worker one blocking pop per *delivery*; its pub/sub layer sends one PUBLISH
-per message but then decodes it once per member, subscribes every consumer's own channel in
-Redis and serialises publishes behind a lock. Measured with ``loadtests`` both were far from
-what a plain websockets server does with the same Redis. This layer keeps the Channels layer
-API (``send``, ``receive``, ``new_channel``, ``group_add``, ``group_discard``, ``group_send``,
-``flush``) and builds on channels-redis' public pieces (``channels_redis.utils.create_pool`` and
-``decode_hosts``, the ``channels_redis.serializers`` registry, msgpack by default), but:
+*member* and each worker one blocking pop per *delivery*; its pub/sub layer sends one PUBLISH per
+message but decodes it once per member, subscribes every consumer's own channel in Redis and
+serialises publishes behind a lock; and redis-py 8's ``PubSub.get_message`` alone costs tens of
+microseconds per message. ``loadtests`` measured all of it (loadtests/README.md). This layer keeps
+the Channels layer API (``send``, ``receive``, ``new_channel``, ``group_add``, ``group_discard``,
+``group_send``, ``flush``, the ``groups`` and ``flush`` extensions) and builds on channels-redis'
+public pieces (``channels_redis.utils.decode_hosts`` for the host formats, the
+``channels_redis.serializers`` registry, msgpack by default), but:
 
 * **Groups are process-local.** A worker process SUBSCRIBEs to a group's Redis channel while at
-  least one of its consumers is a member, and waits for Redis to confirm before ``group_add``
-  returns (a consumer that joined before ``accept()`` cannot miss a message sent after it).
-  Memberships live and die with the process: there is nothing to expire or renew in Redis.
-* **One PUBLISH per group message, one decode per receiving process.** The reader task hands
-  each member a shallow copy of the one decoded message.
+  least one of its consumers is a member, and ``group_add`` returns only once Redis confirmed the
+  subscription (a consumer that joins before ``accept()`` cannot miss a message sent after it).
+  Memberships live and die with the process: nothing in Redis expires or needs renewing.
+* **One PUBLISH per group message, one decode per receiving process.** Each member gets a
+  shallow copy of the one decoded message.
 * **One subscription per process, not per consumer.** Channel names are
-  ``specific.<process token>!<id>``; ``send()`` publishes to the owning process's channel with
-  the name in front, and that process routes it to the mailbox.
-* **Publishes are pipelined.** Every PUBLISH issued while one pipeline is in flight goes out in
-  the next one: one round trip per batch instead of one per message, with no lock.
+  ``specific.<process token>!<id>``; ``send()`` publishes to the owning process's Redis channel
+  with the name in front, and that process routes it to the mailbox.
+* **Two plain RESP connections per process and event loop**, parsed by hiredis: one subscribed,
+  one for PUBLISH. Publishes issued in the same event-loop turn leave in one write; replies are
+  matched in order (pipelining without a lock).
 * **Bounded mailboxes, counted drops.** A consumer that falls ``capacity`` messages behind (its
-  client does not read) loses its oldest message; every such drop is counted, logged as a
-  warning (at most every ``DROP_LOG_SECONDS``), and shown in ``/readyz`` (``layer`` details,
-  :func:`stats`). Nothing is dropped silently.
+  client does not read) loses its *oldest* message; every drop is counted, logged as a warning
+  (at most every ``DROP_LOG_SECONDS``, with the count) and shown in ``/readyz`` under
+  ``layer`` (:func:`stats`). Nothing is dropped silently.
 
-Delivery is at most once, as with any pub/sub: a message published while a process's
-subscription connection is down does not reach that process. The reader reconnects with
-backoff, re-subscribes everything, counts the outage (``reconnects``) and logs it as a
-warning. A publish that fails is *not* retried (a retried pipeline could deliver twice): the
-error reaches the caller, whose client is told to send again (``unavailable``).
+Delivery is **at most once**, as with any pub/sub. While a process's subscription connection is
+down, messages published meanwhile do not reach that process: the reader reconnects with
+backoff, re-subscribes everything, counts the outage (``reconnects``) and logs it as a warning.
+A publish that fails or gets no reply within ``socket_timeout`` is *not* retried (a retry could
+deliver twice): the error reaches the caller, whose client is told to send again
+(``unavailable``). ``REDIS_URL`` may be ``redis://``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none``
+and ``?ssl_ca_certs=<file>`` are honoured) or ``unix://``.
 """
 
 from __future__ import annotations
@@ -38,44 +42,49 @@ import asyncio
 import collections
 import contextlib
 import logging
+import socket
+import ssl
 import time
 import types
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
 
-from channels.exceptions import ChannelFull
+import hiredis
 from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
-from channels_redis.utils import create_pool, decode_hosts
-from redis import asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from channels_redis.utils import decode_hosts
 
 logger = logging.getLogger("switchboard.layer")
 
 #: Seconds between two warnings about dropped messages (each says how many since the last).
 DROP_LOG_SECONDS = 10.0
-#: How long ``group_add`` waits for Redis to confirm a new subscription.
+#: How long ``group_add`` and ``new_channel`` wait for Redis to confirm a subscription.
 SUBSCRIBE_TIMEOUT = 5.0
-#: Reconnect backoff of the reader, seconds (doubling up to the maximum).
+#: Reconnect backoff of the subscriber, seconds (doubling up to the maximum).
 RECONNECT_FIRST = 0.1
 RECONNECT_MAX = 2.0
+#: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
+#: means a dead peer (a half-open TCP connection never reports itself).
+PING_INTERVAL = 15.0
+#: Pub/sub pushes (RESP2: arrays whose first element names the kind).
+_PUSH_KINDS = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
 
 
 @dataclass
 class LayerStats:
-    """Counters of one worker process (every event loop of it). ``dropped`` must stay 0."""
+    """Counters of one worker process (all its event loops). ``dropped`` should stay 0."""
 
     published: int = 0
     publish_failures: int = 0
     received: int = 0  # pub/sub messages read from Redis
     delivered: int = 0  # messages put into a consumer's mailbox
-    dropped: int = 0  # messages pushed out of a full mailbox (the consumer was too slow)
+    dropped: int = 0  # messages pushed out of a full mailbox (that consumer was too slow)
     undeliverable: int = 0  # messages for a channel that is gone (its consumer disconnected)
-    reconnects: int = 0  # subscription connection lost and re-established
+    reconnects: int = 0  # times the subscription connection was lost
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -86,158 +95,359 @@ STATS = LayerStats()
 
 
 def stats() -> dict[str, int]:
+    """This process's layer counters (:class:`LayerStats`) as a dict."""
     return STATS.as_dict()
 
 
+# -- Redis connections ----------------------------------------------------------------------------
+
+
+class RedisUnavailable(ConnectionError):
+    """The layer's Redis connection failed or did not answer in time."""
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where and how to reach Redis, from a channels-redis host entry."""
+
+    host: str = "localhost"
+    port: int = 6379
+    path: str | None = None  # unix socket
+    username: str | None = None
+    password: str | None = None
+    tls: ssl.SSLContext | None = None
+    connect_timeout: float = 5.0
+    timeout: float = 15.0
+
+    @classmethod
+    def from_host(cls, entry: dict[str, Any]) -> RedisAddress:
+        connect_timeout = float(entry.get("socket_connect_timeout") or 5.0)
+        timeout = float(entry.get("socket_timeout") or 15.0)
+        if "address" not in entry:
+            return cls(
+                host=entry.get("host", "localhost"),
+                port=int(entry.get("port", 6379)),
+                password=entry.get("password"),
+                connect_timeout=connect_timeout,
+                timeout=timeout,
+            )
+        url = urlsplit(entry["address"])
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        username = unquote(url.username) if url.username else None
+        password = unquote(url.password) if url.password else query.get("password")
+        common = {
+            "username": username,
+            "password": password,
+            "connect_timeout": connect_timeout,
+            "timeout": timeout,
+        }
+        if url.scheme == "unix":
+            return cls(path=unquote(url.path), **common)
+        if url.scheme not in {"redis", "rediss"}:
+            raise ValueError(f"unsupported Redis URL scheme {url.scheme!r}")
+        tls = None
+        if url.scheme == "rediss":
+            tls = ssl.create_default_context(cafile=query.get("ssl_ca_certs"))
+            if query.get("ssl_cert_reqs", "required").lower() in {"none", "cert_none"}:
+                tls.check_hostname = False
+                tls.verify_mode = ssl.CERT_NONE
+        return cls(host=url.hostname or "localhost", port=url.port or 6379, tls=tls, **common)
+
+
+class RespConnection(asyncio.Protocol):
+    """One RESP2 connection: pipelined commands whose replies resolve futures in order, and
+    pub/sub pushes handed to ``on_push``. Parsing is hiredis."""
+
+    def __init__(self, on_push: Callable[[list[Any]], None] | None = None) -> None:
+        self.on_push = on_push
+        self.reader = hiredis.Reader()
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        self.sent_at: collections.deque[float] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[Exception | None] = asyncio.get_running_loop().create_future()
+        self._outgoing: list[bytes] = []
+
+    @classmethod
+    async def open(
+        cls, address: RedisAddress, on_push: Callable[[list[Any]], None] | None = None
+    ) -> RespConnection:
+        loop = asyncio.get_running_loop()
+        if address.path is not None:
+            connecting = loop.create_unix_connection(lambda: cls(on_push), address.path)
+        else:
+            connecting = loop.create_connection(
+                lambda: cls(on_push),
+                address.host,
+                address.port,
+                ssl=address.tls,
+                server_hostname=address.host if address.tls else None,
+            )
+        try:
+            transport, connection = await asyncio.wait_for(connecting, address.connect_timeout)
+        except (OSError, TimeoutError) as exc:
+            raise RedisUnavailable(f"cannot connect to Redis: {exc or type(exc).__name__}") from exc
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if address.password is not None:
+            credentials = [address.username] if address.username else []
+            try:
+                await connection.call(address.timeout, "AUTH", *credentials, address.password)
+            except BaseException:
+                connection.close()
+                raise
+        return connection
+
+    # -- asyncio.Protocol ------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        reader = self.reader
+        reader.feed(data)
+        while (reply := reader.gets()) is not False:
+            if (
+                self.on_push is not None
+                and type(reply) is list
+                and reply
+                and reply[0] in _PUSH_KINDS
+            ):
+                self.on_push(reply)
+            elif self.waiting:
+                future = self.waiting.popleft()
+                self.sent_at.popleft()
+                if future.done():
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(RedisUnavailable(f"Redis: {reply}"))
+                else:
+                    future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        error = RedisUnavailable(f"Redis connection lost: {exc or 'closed'}")
+        while self.waiting:
+            future = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+    # -- commands --------------------------------------------------------------------------------
+    @property
+    def is_open(self) -> bool:
+        return self.transport is not None and not self.lost.done()
+
+    def write(self, *args: Any) -> None:
+        """Queue a command whose reply nobody waits for (SUBSCRIBE: its answer is a push).
+        Everything queued in one event-loop turn leaves in one write."""
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(hiredis.pack_command(args))
+
+    def _flush(self) -> None:
+        data, self._outgoing = b"".join(self._outgoing), []
+        if self.is_open:
+            self.transport.write(data)  # type: ignore[union-attr]
+
+    def request(self, *args: Any) -> asyncio.Future[Any]:
+        """Queue a command; the future gets its reply."""
+        if not self.is_open:
+            raise RedisUnavailable("Redis connection is closed")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append(future)
+        self.sent_at.append(loop.time())
+        self.write(*args)
+        return future
+
+    async def watch(self, limit: float) -> None:
+        """Close the connection when a reply is more than ``limit`` seconds late (a dead or
+        wedged peer); one timer per connection instead of one per command."""
+        loop = asyncio.get_running_loop()
+        while not self.lost.done():
+            await asyncio.wait({self.lost}, timeout=min(1.0, limit))
+            if self.sent_at and loop.time() - self.sent_at[0] > limit:
+                logger.warning("channel layer: Redis did not answer within %g s", limit)
+                self.close()
+                return
+
+    async def call(self, limit: float, *args: Any) -> Any:
+        """Send a command and wait for its reply; a reply more than ``limit`` seconds late
+        closes the connection (the peer is gone or wedged) and raises."""
+        future = self.request(*args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), limit)
+        except TimeoutError:
+            self.close()
+            raise RedisUnavailable(f"Redis did not answer {args[0]} within {limit:g} s") from None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+# -- the layer -------------------------------------------------------------------------------------
+
+
 class _Mailbox:
-    """A bounded FIFO of one channel with at most one waiting receiver (cheaper than a Queue)."""
+    """One channel's bounded FIFO with at most one waiting receiver. Small on purpose (one per
+    websocket): a message for a waiting receiver is handed over without being stored."""
 
     __slots__ = ("items", "waiter")
 
     def __init__(self) -> None:
-        self.items: collections.deque[dict[str, Any]] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
+        self.items: list[dict[str, Any]] | None = None
+        self.waiter: asyncio.Future[dict[str, Any]] | None = None
 
     def put(self, message: dict[str, Any], capacity: int) -> bool:
-        """Append; ``False`` when the oldest message had to make room."""
-        room = True
-        if len(self.items) >= capacity:
-            self.items.popleft()
-            room = False
-        self.items.append(message)
+        """Deliver or store; ``False`` when the oldest stored message had to make room."""
         waiter = self.waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(message)
+            self.waiter = None
+            return True
+        items = self.items
+        if items is None:
+            items = self.items = []
+        room = len(items) < capacity
+        if not room:
+            del items[0]
+        items.append(message)
         return room
 
     async def get(self) -> dict[str, Any]:
-        while not self.items:
-            waiter = asyncio.get_running_loop().create_future()
-            self.waiter = waiter
-            try:
-                await waiter
-            finally:
+        if self.items:
+            return self.items.pop(0)
+        waiter = self.waiter = asyncio.get_running_loop().create_future()
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                STATS.undeliverable += 1  # handed over as its receiver was being cancelled
+            raise
+        finally:
+            if self.waiter is waiter:
                 self.waiter = None
-        return self.items.popleft()
 
 
 class _LoopState:
-    """Everything bound to one event loop: Redis clients, the reader, mailboxes, groups."""
+    """Everything bound to one event loop: connections, subscriber task, mailboxes, groups."""
 
     def __init__(self, layer: FanoutChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
         self.layer = layer
         self.loop = loop
         self.token = uuid.uuid4().hex[:16]
         self.process_channel = f"{layer.prefix}:p:{self.token}".encode()
-        # No silent retries: a retried pipeline could publish a message twice (the caller is
-        # told instead), and a reconnect inside redis-py would hide an outage from the reader.
-        host = dict(layer.host, retry=Retry(NoBackoff(), 0))
-        self.redis = aioredis.Redis(connection_pool=create_pool(host))
-        self.subscriber = aioredis.Redis(connection_pool=create_pool(dict(host)))
-        self.pubsub: Any = None
         self.mailboxes: dict[str, _Mailbox] = {}
         self.groups: dict[str, set[str]] = {}  # group -> local channel names
         self.subscribed: set[bytes] = set()
         self.confirming: dict[bytes, asyncio.Future[None]] = {}
-        self.sub_lock = asyncio.Lock()
-        self.pending: list[tuple[bytes, bytes, asyncio.Future[int]]] = []
-        self.flusher: asyncio.Task[None] | None = None
+        self.publisher: RespConnection | None = None
+        self.publisher_lock = asyncio.Lock()
+        self.watchdog: asyncio.Task[None] | None = None
+        self.unsubscribing: collections.Counter[bytes] = collections.Counter()
+        self.subscriber: RespConnection | None = None
         self.reader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
 
-    # -- publishing ----------------------------------------------------------------------------
+    # -- publishing ------------------------------------------------------------------------------
+    async def _publisher(self) -> RespConnection:
+        connection = self.publisher
+        if connection is not None and connection.is_open:
+            return connection
+        async with self.publisher_lock:
+            if self.publisher is None or not self.publisher.is_open:
+                self.publisher = await RespConnection.open(self.layer.address)
+                self.watchdog = self.loop.create_task(
+                    self.publisher.watch(self.layer.address.timeout)
+                )
+            return self.publisher
+
     async def publish(self, channel: bytes, payload: bytes) -> int:
-        future: asyncio.Future[int] = self.loop.create_future()
-        self.pending.append((channel, payload, future))
-        if self.flusher is None:
-            self.flusher = self.loop.create_task(self._flush())
-        return await future
-
-    async def _flush(self) -> None:
         try:
-            while self.pending:
-                batch, self.pending = self.pending, []
-                try:
-                    async with self.redis.pipeline(transaction=False) as pipe:
-                        for channel, payload, _ in batch:
-                            pipe.publish(channel, payload)
-                        results = await pipe.execute()
-                except Exception as exc:
-                    STATS.publish_failures += len(batch)
-                    for _, _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    continue
-                STATS.published += len(batch)
-                for (_, _, future), receivers in zip(batch, results, strict=True):
-                    if not future.done():
-                        future.set_result(receivers)
-        finally:
-            self.flusher = None
+            connection = self.publisher
+            if connection is None or not connection.is_open:
+                connection = await self._publisher()
+            receivers = await connection.request("PUBLISH", channel, payload)
+        except (RedisUnavailable, OSError):
+            STATS.publish_failures += 1
+            raise
+        STATS.published += 1
+        return receivers
 
-    # -- subscribing ---------------------------------------------------------------------------
+    # -- subscribing -----------------------------------------------------------------------------
     async def start(self) -> None:
-        if self.reader is None:
-            self.reader = self.loop.create_task(self._read_forever(), name="fanout-layer-reader")
-        await asyncio.wait_for(self.ready.wait(), SUBSCRIBE_TIMEOUT)
+        if self.reader is None or self.reader.done():
+            self.reader = self.loop.create_task(self._subscribe_forever(), name="fanout-layer")
+        try:
+            await asyncio.wait_for(self.ready.wait(), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise RedisUnavailable("channel layer: no subscription connection") from None
 
     async def subscribe(self, channel: bytes) -> None:
         await self.start()
-        async with self.sub_lock:
-            if channel in self.subscribed:
-                return
-            future = self.confirming.get(channel)
-            if future is None:
-                future = self.confirming[channel] = self.loop.create_future()
-                await self.pubsub.subscribe(channel)
-        await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT)
+        if channel in self.subscribed and not self.unsubscribing[channel]:
+            return
+        future = self.confirming.get(channel)
+        if future is None:
+            future = self.confirming[channel] = self.loop.create_future()
+            self.subscriber.write("SUBSCRIBE", channel)  # type: ignore[union-attr]
+        try:
+            await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT)
+        except TimeoutError:
+            raise RedisUnavailable("Redis did not confirm a subscription") from None
 
-    async def unsubscribe(self, channel: bytes) -> None:
-        async with self.sub_lock:
-            if channel in self.subscribed or channel in self.confirming:
-                self.subscribed.discard(channel)
-                self.confirming.pop(channel, None)
-                with contextlib.suppress(Exception):  # a lost connection unsubscribes anyway
-                    await self.pubsub.unsubscribe(channel)
+    def unsubscribe(self, channel: bytes) -> None:
+        self.subscribed.discard(channel)
+        future = self.confirming.pop(channel, None)
+        if future is not None and not future.done():
+            future.cancel()
+        if self.subscriber is not None and self.subscriber.is_open:
+            # Until Redis confirms this, a "subscribe" push for the channel is an old one.
+            self.unsubscribing[channel] += 1
+            self.subscriber.write("UNSUBSCRIBE", channel)
 
     def _wanted(self) -> set[bytes]:
         wanted = {self.process_channel}
         wanted.update(self.layer.group_channel(g) for g in self.groups)
-        wanted.update(
-            self.layer.named_channel(name) for name in self.mailboxes if "!" not in name
-        )
+        wanted.update(self.layer.named_channel(n) for n in self.mailboxes if "!" not in n)
         return wanted
 
-    async def _connect(self) -> None:
-        """(Re)open the subscription connection and subscribe everything this loop needs."""
-        if self.pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self.pubsub.aclose()
-        self.pubsub = self.subscriber.pubsub()
-        wanted = self._wanted()
-        self.subscribed.clear()
-        for channel in wanted:
-            self.confirming.setdefault(channel, self.loop.create_future())
-        await self.pubsub.subscribe(*wanted)
-
-    async def _read_forever(self) -> None:
+    async def _subscribe_forever(self) -> None:
+        """Hold the subscription connection: (re)connect, subscribe what is wanted, ping."""
         delay = RECONNECT_FIRST
         down_since: float | None = None
+        address = self.layer.address
         while True:
             try:
-                await self._connect()
-                while True:
-                    message = await self.pubsub.get_message(timeout=None)
-                    if message is not None:
-                        self._on_message(message)
-                        if down_since is not None and self.ready.is_set():
-                            logger.warning(
-                                "channel layer: subscriptions restored after %.1f s",
-                                time.monotonic() - down_since,
-                            )
-                            down_since = None
-                            delay = RECONNECT_FIRST
+                connection = await RespConnection.open(address, self._on_push)
+                self.subscriber = connection
+                self.subscribed.clear()
+                self.unsubscribing.clear()
+                for channel in self._wanted():
+                    self.confirming.setdefault(channel, self.loop.create_future())
+                    connection.write("SUBSCRIBE", channel)
+                if down_since is not None:
+                    logger.warning(
+                        "channel layer: subscriptions restored after %.1f s",
+                        time.monotonic() - down_since,
+                    )
+                    down_since, delay = None, RECONNECT_FIRST
+                while not connection.lost.done():
+                    await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
+                    if not connection.lost.done():
+                        self._pong = self.loop.create_future()
+                        connection.write("PING")
+                        try:
+                            await asyncio.wait_for(self._pong, address.timeout)
+                        except TimeoutError:
+                            connection.close()
+                raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
             except asyncio.CancelledError:
+                if self.subscriber is not None:
+                    self.subscriber.close()
                 raise
             except Exception as exc:
                 self.ready.clear()
@@ -245,41 +455,51 @@ class _LoopState:
                     down_since = time.monotonic()
                     STATS.reconnects += 1
                     logger.warning(
-                        "channel layer: subscription connection lost (%s: %s); messages "
-                        "published until it is back do not reach this process",
-                        type(exc).__name__, exc,
+                        "channel layer: subscription connection down (%s); messages published "
+                        "until it is back do not reach this process",
+                        exc,
                     )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
 
-    def _on_message(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        channel = message["channel"]
-        if kind != "message":
-            if kind == "subscribe":
-                self.subscribed.add(channel)
-                future = self.confirming.pop(channel, None)
-                if future is not None and not future.done():
-                    future.set_result(None)
-                if channel == self.process_channel:
-                    self.ready.set()
-            return
+    _pong: asyncio.Future[None] | None = None
+
+    def _on_push(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            self._on_message(reply[1], reply[2])
+        elif kind == b"subscribe":
+            channel = reply[1]
+            if self.unsubscribing[channel]:
+                return  # an UNSUBSCRIBE sent after it is still on its way
+            self.subscribed.add(channel)
+            future = self.confirming.pop(channel, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            if channel == self.process_channel:
+                self.ready.set()
+        elif kind == b"unsubscribe":
+            channel = reply[1]
+            if self.unsubscribing[channel] > 1:
+                self.unsubscribing[channel] -= 1
+            else:
+                del self.unsubscribing[channel]
+        elif kind == b"pong" and self._pong is not None and not self._pong.done():
+            self._pong.set_result(None)
+
+    def _on_message(self, channel: bytes, data: bytes) -> None:
         STATS.received += 1
         layer = self.layer
-        data = message["data"]
         if channel == self.process_channel:
             name, _, payload = data.partition(b"\n")
             self._deliver(name.decode(), layer.deserialize(payload))
             return
         event = layer.deserialize(data)
-        group = channel[len(layer.group_prefix):].decode() if channel.startswith(
-            layer.group_prefix
-        ) else None
-        if group is not None:
-            for name in self.groups.get(group, ()):
+        if channel.startswith(layer.group_prefix):
+            for name in self.groups.get(channel[len(layer.group_prefix) :].decode(), ()):
                 self._deliver(name, dict(event))
         else:
-            self._deliver(channel[len(layer.named_prefix):].decode(), event)
+            self._deliver(channel[len(layer.named_prefix) :].decode(), event)
 
     def _deliver(self, name: str, message: dict[str, Any]) -> None:
         mailbox = self.mailboxes.get(name)
@@ -291,21 +511,18 @@ class _LoopState:
             self.layer.count_drop(name)
 
     async def aclose(self) -> None:
-        for task in (self.reader, self.flusher):
+        for task in (self.reader, self.watchdog):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        if self.pubsub is not None:
-            with contextlib.suppress(Exception):
-                await self.pubsub.aclose()
-        for client in (self.redis, self.subscriber):
-            with contextlib.suppress(Exception):
-                await client.aclose(close_connection_pool=True)
+        for connection in (self.publisher, self.subscriber):
+            if connection is not None:
+                connection.close()
 
 
 class FanoutChannelLayer(BaseChannelLayer):
-    """See the module docstring. ``hosts`` takes one Redis (channels-redis' host formats)."""
+    """See the module docstring. ``hosts`` takes one Redis in channels-redis' host formats."""
 
     extensions = ["groups", "flush"]
 
@@ -322,7 +539,7 @@ class FanoutChannelLayer(BaseChannelLayer):
         decoded = decode_hosts(hosts)
         if len(decoded) != 1:
             raise ValueError("FanoutChannelLayer takes exactly one Redis host (no sharding)")
-        self.host = decoded[0]
+        self.address = RedisAddress.from_host(decoded[0])
         self.prefix = prefix
         self.group_prefix = f"{prefix}:g:".encode()
         self.named_prefix = f"{prefix}:c:".encode()
@@ -332,10 +549,10 @@ class FanoutChannelLayer(BaseChannelLayer):
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
-        self._drops_logged_at = 0.0
+        self._drops_logged_at = -DROP_LOG_SECONDS
         self._drops_unlogged = 0
 
-    # -- helpers -------------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------------
     def serialize(self, message: dict[str, Any]) -> bytes:
         return self._serializer.serialize(message)
 
@@ -357,19 +574,20 @@ class FanoutChannelLayer(BaseChannelLayer):
         return state
 
     def _close_with(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Close this loop's connections when the loop closes (``async_to_sync`` callers)."""
+        """Close this loop's connections when the loop closes (``async_to_sync`` callers run
+        each call in a loop of its own)."""
         original = loop.close
         states = self._states
 
         def close(self_loop: asyncio.AbstractEventLoop) -> None:
             state = states.pop(self_loop, None)
-            if state is not None and not self_loop.is_running():
+            if state is not None and not self_loop.is_running() and not self_loop.is_closed():
                 with contextlib.suppress(Exception):
                     self_loop.run_until_complete(state.aclose())
-            self_loop.close = original
+            self_loop.close = original  # type: ignore[method-assign]
             original()
 
-        loop.close = types.MethodType(close, loop)
+        loop.close = types.MethodType(close, loop)  # type: ignore[method-assign]
 
     def count_drop(self, channel: str) -> None:
         STATS.dropped += 1
@@ -379,12 +597,15 @@ class FanoutChannelLayer(BaseChannelLayer):
             logger.warning(
                 "channel layer: dropped %d message(s) for consumers more than %d messages "
                 "behind (latest: %s); %d dropped since start",
-                self._drops_unlogged, self.capacity, channel, STATS.dropped,
+                self._drops_unlogged,
+                self.capacity,
+                channel,
+                STATS.dropped,
             )
             self._drops_logged_at = now
             self._drops_unlogged = 0
 
-    # -- channel layer API ---------------------------------------------------------------------
+    # -- channel layer API -------------------------------------------------------------------------
     async def new_channel(self, prefix: str = "specific.") -> str:
         state = self._state()
         await state.start()
@@ -393,9 +614,9 @@ class FanoutChannelLayer(BaseChannelLayer):
         return name
 
     async def send(self, channel: str, message: dict[str, Any]) -> None:
+        """Send to one channel: a process-specific one goes to its owner's process channel."""
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_channel_name(channel)
-        state = self._state()
         payload = self.serialize(message)
         if "!" in channel:
             token = channel.split("!", 1)[0].rsplit(".", 1)[-1]
@@ -403,9 +624,7 @@ class FanoutChannelLayer(BaseChannelLayer):
             payload = channel.encode() + b"\n" + payload
         else:
             target = self.named_channel(channel)
-        if len(payload) > 512 * 1024 * 1024:
-            raise ChannelFull("message too large")
-        await state.publish(target, payload)
+        await self._state().publish(target, payload)
 
     async def receive(self, channel: str) -> dict[str, Any]:
         self.require_valid_channel_name(channel)
@@ -413,19 +632,18 @@ class FanoutChannelLayer(BaseChannelLayer):
         mailbox = state.mailboxes.get(channel)
         if mailbox is None:
             mailbox = state.mailboxes[channel] = _Mailbox()
-            if "!" not in channel:
-                await state.subscribe(self.named_channel(channel))
+        if "!" not in channel:
+            await state.subscribe(self.named_channel(channel))
         try:
             return await mailbox.get()
         except asyncio.CancelledError:
             # Channels cancels a consumer's receive when the consumer ends: forget its channel.
-            if mailbox.waiter is None and not mailbox.items and not self._is_member(state, channel):
-                state.mailboxes.pop(channel, None)
+            if not mailbox.items and not any(channel in m for m in state.groups.values()):
+                if state.mailboxes.get(channel) is mailbox:
+                    del state.mailboxes[channel]
+                if "!" not in channel:
+                    state.unsubscribe(self.named_channel(channel))
             raise
-
-    @staticmethod
-    def _is_member(state: _LoopState, channel: str) -> bool:
-        return any(channel in members for members in state.groups.values())
 
     async def group_add(self, group: str, channel: str) -> None:
         self.require_valid_group_name(group)
@@ -449,13 +667,9 @@ class FanoutChannelLayer(BaseChannelLayer):
         if members is None or channel not in members:
             return
         members.discard(channel)
-        if not any(channel in m for m in state.groups.values()):
-            mailbox = state.mailboxes.get(channel)
-            if mailbox is not None and mailbox.waiter is None:
-                state.mailboxes.pop(channel, None)
         if not members:
             del state.groups[group]
-            await state.unsubscribe(self.group_channel(group))
+            state.unsubscribe(self.group_channel(group))
 
     async def group_send(self, group: str, message: dict[str, Any]) -> None:
         assert isinstance(message, dict), "message is not a dict"

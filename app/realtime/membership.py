@@ -52,20 +52,39 @@ class MembershipKeeper:
         self._members: weakref.WeakSet[Member] = weakref.WeakSet()
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
+        self._up: asyncio.Event | None = None
         self.restorations = 0
+        #: Since when Redis has been unreachable or its memberships not yet restored.
+        self.down_since: float | None = None
+
+    @property
+    def available(self) -> bool:
+        """False from a failure seen until the memberships are back: a message sent meanwhile
+        could reach no one, so senders are told ``unavailable`` at once instead."""
+        return self.down_since is None
 
     def add(self, member: Member) -> None:
         self._members.add(member)
         loop = asyncio.get_running_loop()
         idle = self._task is None or self._task.done() or self._task.get_loop() is not loop
         if idle and _redis_clients(member.channel_layer):
-            self._wake = asyncio.Event()
+            self._wake, self._up = asyncio.Event(), asyncio.Event()
+            self._up.set()
             self._task = loop.create_task(
                 self._watch(member.channel_layer), name="membership-keeper"
             )
 
     def discard(self, member: Member) -> None:
         self._members.discard(member)
+
+    async def wait_available(self, at_most: float) -> None:
+        """Until the layer is usable again (at most ``at_most`` s): a consumer whose receive
+        failed resumes as soon as Redis and its memberships are back, not at its next retry."""
+        if self._up is None or self._task is None or self._task.done():
+            await asyncio.sleep(at_most)  # nothing watches this layer: plain backoff
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._up.wait(), at_most)
 
     def poke(self) -> None:
         """A layer operation just failed: look at Redis now rather than at the next tick."""
@@ -89,26 +108,25 @@ class MembershipKeeper:
 
     async def _watch(self, layer: Any) -> None:
         known: tuple[str, ...] | None = None
-        down_since: float | None = None
         while self._members:
             assert self._wake is not None
             self._wake.clear()  # a poke from now on (even during the look below) counts
             try:
                 current = await self._server_ids(layer)
-                if down_since is not None or (known is not None and current != known):
+                if self.down_since is not None or (known is not None and current != known):
+                    if self.down_since is None:  # restarted between two looks
+                        self.down_since = time.monotonic()
                     restored = await self._rejoin_all(layer)
                     self.restorations += 1
                     logger.warning(
                         "channel layer back%s: %d memberships of %d sockets restored",
-                        ""
-                        if down_since is None
-                        else f" after {time.monotonic() - down_since:.1f} s",
+                        f" after {time.monotonic() - self.down_since:.1f} s",
                         restored,
                         len(self._members),
                     )
             except Exception as exc:  # Redis unreachable: look again shortly
-                if down_since is None:
-                    down_since = time.monotonic()
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
                     logger.warning(
                         "channel layer unreachable (%s); %d sockets stay open and re-join "
                         "their groups when it is back",
@@ -116,11 +134,17 @@ class MembershipKeeper:
                         len(self._members),
                     )
             else:
-                known, down_since = current, None
-            interval = WATCH_INTERVAL if down_since is None else WATCH_INTERVAL_DOWN
+                known, self.down_since = current, None
+            assert self._up is not None
+            if self.down_since is None:
+                self._up.set()
+            else:
+                self._up.clear()
+            interval = WATCH_INTERVAL if self.down_since is None else WATCH_INTERVAL_DOWN
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), interval)
         # No member left: the next add() starts a new watch.
+        self.down_since = None
 
 
 #: One per worker process (one event loop per uvicorn worker).
