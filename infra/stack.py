@@ -165,9 +165,12 @@ class Stack:
         shutil.copy(NGINX_DIR / "nginx.conf", target / "nginx.conf")
         shutil.copytree(NGINX_DIR / "snippets", target / "snippets")
         shutil.copy("/etc/nginx/mime.types", target / "mime.types")
-        servers = "\n".join(
-            f"    server 127.0.0.1:{port} max_fails=1 fail_timeout=2s;" for port in self.app_ports
-        )
+        # max_fails=0: a replica that refuses a connection (restarting) costs that request one
+        # instant retry on the next replica, and nothing more. With max_fails=1, nginx would
+        # count the replica as failed until a request to it *ends* -- for a websocket, when the
+        # socket closes -- so after its restart it got one new socket per fail_timeout, and when
+        # the other replica restarted next, nginx had "no live upstreams" (tests/faults/).
+        servers = "\n".join(f"    server 127.0.0.1:{port} max_fails=0;" for port in self.app_ports)
         site = render(
             SITE_TEMPLATE.read_text(),
             {

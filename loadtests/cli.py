@@ -36,17 +36,19 @@ SCENARIOS = ("fanout", "knee", "connections", "bigroom")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: Per-scenario defaults; flags the user gives win. The knee defaults are the issue's anchor
-#: setup: 200 connections in rooms of 10, everyone sending, 1 msg/s each, stepped up.
+#: setup -- 200 connections in rooms of 10, everyone sending, stepped up -- starting at 0.25
+#: msg/s each (500 deliveries/s) so that the tutorial baseline passes a first step, doubling
+#: until a step fails, then bisecting three times (to within ~10 %).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanout": {"connections": 200, "room_size": 10, "rate": 1.0, "duration": 10.0},
     "knee": {
         "connections": 200,
         "room_size": 10,
-        "start_rate": 1.0,
-        "factor": 1.5,
+        "start_rate": 0.25,
+        "factor": 2.0,
         "duration": 8.0,
         "p99_ms": 100.0,
-        "refine": 2,
+        "refine": 3,
     },
     "connections": {"connections": 2000, "room_size": 50, "hold": 10.0},
     "bigroom": {
@@ -154,8 +156,11 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=f"the {name} scenario")
         _scenario_flags(p)
         _common_flags(p)
-    p = sub.add_parser("serve", help="start a target (switchboard, tutorial, nodjango) and "
-                                     "keep it running until Ctrl-C, e.g. to profile it")
+    p = sub.add_parser(
+        "serve",
+        help="start a target (switchboard, tutorial, nodjango) and "
+        "keep it running until Ctrl-C, e.g. to profile it",
+    )
     p.add_argument("spec", metavar="NAME[:K=V,...]")
     p = sub.add_parser("compare", help="one scenario against several targets, interleaved")
     p.add_argument("compared", choices=SCENARIOS, help="the scenario to run")
@@ -206,8 +211,11 @@ def serve(spec: str) -> int:
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     target.start()
     try:
-        print(f"{target.label}: https://localhost:{target.endpoint.port}  "
-              f"--ca {target.endpoint.ca_file}", flush=True)
+        print(
+            f"{target.label}: https://localhost:{target.endpoint.port}  "
+            f"--ca {target.endpoint.ca_file}",
+            flush=True,
+        )
         print(f"process ids: {target.pids()}", flush=True)
         while target.stack is not None and target.stack.is_running():
             time.sleep(1)

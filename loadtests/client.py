@@ -85,7 +85,8 @@ class CollectOutcome:
     receipts: Receipts
     cpu_s: float
     late: int  # frames of an earlier phase that arrived after it was collected
-    closed_by_server: dict[int, int] = field(default_factory=dict)
+    closed_by_server: dict[int, int] = field(default_factory=dict)  # connection -> close code
+    errors: dict[tuple[int, str], int] = field(default_factory=dict)  # (connection, code) -> n
 
 
 def message_text(tag: str, phase: int, sender: int, seq: int, sent_ns: int, pad: str) -> str:
@@ -141,8 +142,10 @@ class Worker:
         self.phase: _Phase | None = None
         self.late = 0
         self.foreign = 0
-        self.errors_outside: Counter = Counter()
-        self.closed_by_server: Counter = Counter()
+        #: (connection, error code) -> count, and connection -> close code: the parent charges
+        #: them to the target that connection belongs to.
+        self.errors: Counter = Counter()
+        self.closed_by_server: dict[int, int] = {}
         self._contexts: dict[str, ssl.SSLContext] = {}
         from orjson import loads
         from picows import WSMsgType
@@ -163,8 +166,7 @@ class Worker:
         parsed = parse_message(self.tag, message) if type(message) is str else None
         if parsed is None:
             if frame.get("type") == "error":
-                target = phase.receipts.errors if phase is not None else self.errors_outside
-                target[str(frame.get("code"))] += 1
+                self.errors[(conn.conn_id, str(frame.get("code")))] += 1
             elif phase is not None:
                 phase.receipts.foreign += 1
             else:
@@ -214,7 +216,7 @@ class Worker:
                     worker.on_text(conn, frame.get_payload_as_utf8_text())
                 elif kind == WSMsgType.CLOSE:
                     conn.close_code = frame.get_close_code()
-                    worker.closed_by_server[int(conn.close_code)] += 1
+                    worker.closed_by_server[conn.conn_id] = int(conn.close_code)
                     transport.send_close(conn.close_code)
                     transport.disconnect()
 
@@ -338,12 +340,10 @@ class Worker:
         self.phase = None
         late, self.late = self.late, 0
         phase.receipts.foreign += self.foreign
-        phase.receipts.errors.update(self.errors_outside)
         self.foreign = 0
-        self.errors_outside.clear()
-        closed = dict(self.closed_by_server)
-        self.closed_by_server.clear()
-        return CollectOutcome(phase.receipts, time.process_time() - cpu0, late, closed)
+        errors, self.errors = dict(self.errors), Counter()
+        closed, self.closed_by_server = self.closed_by_server, {}
+        return CollectOutcome(phase.receipts, time.process_time() - cpu0, late, closed, errors)
 
     def placement(self) -> dict[int, str | None]:
         return {conn_id: conn.process for conn_id, conn in self.conns.items() if conn.is_open}

@@ -195,20 +195,11 @@ def verdict(
                 )
             )
         phases = run.warmups + run.phases
-        lossy = [p for p in phases if p.account.unexpected or p.account.errors]
-        if scenario == "knee" and not fail_on_loss:
-            lossy = [p for p in run.warmups if p.account.unexpected]
-        for p in lossy:
-            a = p.account
-            failures.append(
-                Failure(
-                    label,
-                    EXIT_LOSS,
-                    f"{p.label}: {a.lost} lost, {a.duplicated} duplicated, {a.misdelivered} "
-                    f"misdelivered of {a.expected} expected"
-                    + (f"; server errors {a.errors}" if a.errors else ""),
-                )
-            )
+        judged = run.warmups if scenario == "knee" and not fail_on_loss else phases
+        for p in judged:
+            reasons = [r for r in p.reasons if not r.startswith("p99 ")]
+            if reasons:
+                failures.append(Failure(label, EXIT_LOSS, f"{p.label}: " + "; ".join(reasons)))
         pairs = {pair for p in phases for pair in p.account.process_pairs}
         processes = {d for _, d in pairs}
         cross = {(s, d) for s, d in pairs if s != d}

@@ -116,6 +116,7 @@ class TargetRun:
     connect_ms: list[float] = field(default_factory=list)
     connect_failures: Counter = field(default_factory=Counter)
     connect_attempts: int = 0
+    ever_opened: set[int] = field(default_factory=set)
     connect_wall_s: float = 0.0
     phases: list[PhaseResult] = field(default_factory=list)
     warmups: list[PhaseResult] = field(default_factory=list)
@@ -231,6 +232,7 @@ class Session:
                 if outcome.ok:
                     run.connect_ms.append(outcome.ms)
                     run.rooms[outcome.conn_id] = room_of[outcome.conn_id]
+                    run.ever_opened.add(outcome.conn_id)
                     opened.append(outcome.conn_id)
                 else:
                     run.connect_failures[outcome.error] += 1
@@ -323,10 +325,16 @@ class Session:
         receipts = Receipts()
         closed: Counter = Counter()
         late = 0
+        mine = set(rooms)
         for outcome in collected:
             receipts.merge(outcome.receipts)
             late += outcome.late
-            closed.update(outcome.closed_by_server)
+            for conn, code in outcome.closed_by_server.items():
+                if conn in mine or conn in run.ever_opened:
+                    closed[code] += 1
+            for (conn, code), n in outcome.errors.items():
+                if conn in run.ever_opened:
+                    receipts.errors[code] += n
         acct = account(rooms, sent, receipts, duration_s=duration)
         lag.sort()
         result = PhaseResult(

@@ -37,6 +37,7 @@ class ChatConsumer(GroupMemberConsumer):
         self.username = user.username if user is not None and user.is_authenticated else "anonymous"
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.refused_in_a_row = 0
+        self.flood_closed = False
         self.group = room_group(self.room)
         await self.join(self.group)
         await self.accept()
@@ -47,8 +48,8 @@ class ChatConsumer(GroupMemberConsumer):
             logger.info("disconnect %s room=%s code=%s", self.client, self.room, code)
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
-        if getattr(self, "group", None) is None:
-            return  # refused in connect(); a frame that raced the close has nowhere to go
+        if getattr(self, "group", None) is None or self.flood_closed:
+            return  # refused or closed: a frame that raced the close has nowhere to go
         # Every frame counts against the rate, garbage included: each one costs an answer.
         if not self.bucket.take():
             await self._over_the_rate()
@@ -99,6 +100,7 @@ class ChatConsumer(GroupMemberConsumer):
                 "flood: closing %s room=%s after %d frames in a row over the rate limit",
                 self.client, self.room, self.refused_in_a_row - 1,
             )
+            self.flood_closed = True  # frames already on their way are dropped
             await self.close(code=CLOSE_POLICY_VIOLATION)
             return
         await self.send_error(
@@ -108,7 +110,24 @@ class ChatConsumer(GroupMemberConsumer):
         )
 
     async def chat_message(self, event: dict[str, Any]) -> None:
+        await self.send_frame(encoded_frame(event))
+
+
+#: The frames this process encoded last, by message id. Every member a process delivers one
+#: message to gets the same text (``delivered_by`` is the process), so it is encoded once.
+_FRAMES: dict[str, str] = {}
+_FRAMES_KEPT = 1024
+
+
+def encoded_frame(event: dict[str, Any]) -> str:
+    """The JSON text frame of a ``chat.message`` event, as this process delivers it."""
+    text = _FRAMES.get(event["id"])
+    if text is None:
         frame = {key: value for key, value in event.items() if key != "type"}
         # "username" keeps the seeds' clients (data.username) working beside "user".
         frame.update(type="chat.message", username=event["user"], delivered_by=process_id())
-        await self.send(text_data=jsonframes.dumps(frame))
+        text = jsonframes.dumps(frame)
+        if len(_FRAMES) >= _FRAMES_KEPT:
+            del _FRAMES[next(iter(_FRAMES))]
+        _FRAMES[event["id"]] = text
+    return text

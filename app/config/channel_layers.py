@@ -17,6 +17,10 @@ Two more options come from the fault tests (tests/faults/):
   reconnects and retries (``retry``) instead of failing once per pooled connection.
 * The ``redis`` backend is ``realtime.layers.RedisChannelLayer``: channels-redis with a pool that
   closes what a burst opened (REDIS_MAX_IDLE_CONNECTIONS) instead of keeping it forever.
+
+The ``fanout`` backend is ``realtime.fanout_layer.FanoutChannelLayer`` (Redis pub/sub, groups
+held per process, one decode per process, counted drops): see that module and
+loadtests/README.md for what it buys.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ BACKENDS = {
     "redis": "realtime.layers.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
     "memory": "channels.layers.InMemoryChannelLayer",
+    "fanout": "realtime.fanout_layer.FanoutChannelLayer",
 }
 
 
@@ -83,4 +88,7 @@ def channel_layers_from_env() -> dict[str, Any]:
         if kind == "redis":
             host["max_idle_connections"] = env.get_int("REDIS_MAX_IDLE_CONNECTIONS", minimum=1)
             config |= {"capacity": capacity, "expiry": expiry, "group_expiry": group_expiry}
+        elif kind == "fanout":
+            # Process-local groups: nothing to expire. Capacity bounds each consumer's mailbox.
+            config["capacity"] = capacity
     return {"default": {"BACKEND": backend, "CONFIG": config}}

@@ -103,16 +103,18 @@ SETTINGS: tuple[Setting, ...] = (
     ),
     Setting(
         "CHANNEL_LAYER",
-        "redis",
+        "fanout",
         DJANGO,
-        "`redis` (channels-redis), `pubsub` (channels-redis pub/sub) or `memory` "
-        "(single process only: tests).",
+        "`fanout` (Redis pub/sub, groups kept per process, one decode per process, counted "
+        "drops: `realtime/fanout_layer.py`), `redis` (channels-redis), `pubsub` "
+        "(channels-redis pub/sub) or `memory` (single process only: tests).",
     ),
     Setting(
         "CHANNEL_CAPACITY",
         "1000",
         DJANGO,
-        "Messages a channel may queue before the layer drops (channels-redis default: 100).",
+        "Messages a channel may queue before the layer drops (channels-redis default: 100); "
+        "`fanout` counts each drop, logs it and shows it in /readyz.",
     ),
     Setting("CHANNEL_EXPIRY", "60", DJANGO, "Seconds an undelivered message lives."),
     Setting(
@@ -126,6 +128,13 @@ SETTINGS: tuple[Setting, ...] = (
         "65536",
         SERVER,
         "Largest websocket frame accepted; larger ones close the socket with 1009.",
+    ),
+    Setting(
+        "WS_PROTOCOL",
+        "lean",
+        SERVER,
+        "uvicorn's websocket protocol: `lean` (websockets-sansio with a lighter per-socket "
+        "state, `infra/uvicorn_ws.py`) or `websockets-sansio` (uvicorn's own).",
     ),
     Setting("WS_PING_INTERVAL", "20", SERVER, "Seconds between server pings on idle websockets."),
     Setting("WS_PING_TIMEOUT", "20", SERVER, "Seconds to wait for a pong before closing."),

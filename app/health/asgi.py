@@ -8,6 +8,8 @@ weakening either for real traffic.
   outage does not make an orchestrator kill healthy workers.
 * ``/readyz``: Redis answers PING and a message makes a round trip through the channel layer.
   503 with the failing check otherwise; the load balancer stops routing new sockets here.
+  With a layer that counts what it drops (``CHANNEL_LAYER=fanout``), the body also carries its
+  counters under ``layer`` (``dropped``, ``reconnects``, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from health.checks import readiness
+from health.checks import layer_details, readiness
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -47,6 +49,9 @@ class HealthCheckMiddleware:
                     "checks": checks,
                     "ms": round((time.monotonic() - started) * 1000, 1),
                 }
+                layer = layer_details()
+                if layer is not None:
+                    body["layer"] = layer  # counted drops and reconnects: never silent
                 return await _respond(send, 200 if ok else 503, body)
         return await self.inner(scope, receive, send)
 

@@ -54,8 +54,16 @@ async def _layer_round_trip() -> str:
     return "ok" if message.get("token") == token else "round trip returned another message"
 
 
+def layer_details() -> dict[str, int] | None:
+    """The channel layer's own counters, when it keeps any (``realtime.fanout_layer`` does:
+    messages published, delivered, dropped, reconnects...), for ``/readyz``."""
+    layer = get_channel_layer()
+    stats = getattr(layer, "stats", None)
+    return stats() if callable(stats) else None
+
+
 async def readiness() -> dict[str, str]:
-    uses_redis = "Redis" in settings.CHANNEL_LAYERS["default"]["BACKEND"]
+    uses_redis = "InMemory" not in settings.CHANNEL_LAYERS["default"]["BACKEND"]
     checks = {"channel_layer": await _layer_round_trip()}
     if uses_redis:
         checks["redis"] = await _redis_ping()

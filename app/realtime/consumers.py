@@ -15,19 +15,27 @@ It adds what every long-lived group member needs:
   while the socket stays open; senders get ``unavailable`` errors meanwhile; ``realtime.membership``
   restores the group memberships Redis lost; a connect that cannot join its group is refused
   with ``unavailable`` and close code 1013 (try again later) instead of an HTTP 500.
+* **A cheaper dispatch loop** (measured by loadtests, see loadtests/README.md): no thread hop to
+  close stale database connections before handlers that never touch the database
+  (:data:`DB_EVENTS`), no new task per message (:func:`dispatch_serially`), and
+  :meth:`~GroupMemberConsumer.send_frame` for frames, past the session middleware's per-send
+  bookkeeping. Handlers still run one at a time, in arrival order per source.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import redis.exceptions
 from channels.exceptions import StopConsumer
 from channels.generic.websocket import AsyncWebsocketConsumer
+from channels.layers import get_channel_layer
 from django.conf import settings
 
 from realtime import jsonframes
@@ -42,6 +50,63 @@ RECEIVE_RETRY_FIRST_SECONDS = 0.1
 RECEIVE_RETRY_MAX_SECONDS = 2.0
 
 
+#: What a channel-layer call raises when Redis is unreachable (and only that is retried).
+LAYER_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
+
+
+#: Events whose handlers may use the database. Channels' dispatch closes stale database
+#: connections before *every* handler, through a thread hop (``sync_to_async``); at thousands of
+#: deliveries per second that hop was most of a worker's time (loadtests/README.md). Only these
+#: events pay it here; any other handler must reach the ORM through ``database_sync_to_async``,
+#: which does the same cleanup itself.
+DB_EVENTS = frozenset({"websocket.connect", "websocket.disconnect"})
+
+
+async def dispatch_serially(
+    sources: list[Callable[[], Awaitable[dict[str, Any]]]],
+    dispatch: Callable[[dict[str, Any]], Awaitable[None]],
+) -> None:
+    """Channels' ``await_many_dispatch`` without a new task and an ``asyncio.wait`` per message.
+
+    The first source is pumped in the calling task, each other one in a long-lived task of its
+    own; a lock keeps dispatching one message at a time, as Channels does. The first exception
+    (``StopConsumer`` included) ends every source and is raised here.
+    """
+    lock = asyncio.Lock()
+
+    async def pump(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        while True:
+            message = await source()
+            async with lock:
+                await dispatch(message)
+
+    here = asyncio.current_task()
+    assert here is not None
+    failed: list[asyncio.Task[None]] = []
+
+    def interrupt(task: asyncio.Task[None]) -> None:
+        if not task.cancelled():
+            failed.append(task)
+            here.cancel()
+
+    helpers = [asyncio.ensure_future(pump(source)) for source in sources[1:]]
+    for task in helpers:
+        task.add_done_callback(interrupt)
+    try:
+        await pump(sources[0])
+    except asyncio.CancelledError:
+        if failed and here.uncancel() == 0:
+            failed[0].result()  # a helper's exception (StopConsumer included) ends it all
+        raise
+    finally:
+        for task in helpers:
+            task.remove_done_callback(interrupt)
+            task.cancel()
+        for task in helpers:
+            with contextlib.suppress(BaseException):
+                await task
+
+
 class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
@@ -51,6 +116,29 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
         self._renewal: asyncio.Task | None = None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """``AsyncConsumer.__call__`` with :func:`dispatch_serially` as its dispatch loop."""
+        self.channel_layer = get_channel_layer(self.channel_layer_alias)
+        if self.channel_layer is None:
+            await super().__call__(scope, receive, send)
+            return
+        self.scope = scope
+        self.channel_name = await self.channel_layer.new_channel()
+        self.channel_receive = functools.partial(self.channel_layer.receive, self.channel_name)
+        self.base_send = send
+        # Channels' session middleware wraps ``send`` to save the session on HTTP responses; for
+        # a websocket frame it only reads the session twice. Frames skip it (send_frame).
+        wrapper = getattr(send, "__self__", None)
+        real_send = getattr(wrapper, "real_send", None)
+        saves_on = getattr(wrapper, "save_message_types", ("websocket.send",))
+        self._frame_send = real_send if real_send and "websocket.send" not in saves_on else send
+        with contextlib.suppress(StopConsumer):
+            await dispatch_serially([receive, self.channel_receive], self.dispatch)
+
+    async def send_frame(self, text: str) -> None:
+        """Send one text frame: ``self.send(text_data=text)`` without the wrappers' overhead."""
+        await self._frame_send({"type": "websocket.send", "text": text})
 
     @property
     def client(self) -> str:
@@ -73,7 +161,17 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         while True:
             try:
                 return await self._layer_receive()
-            except Exception as exc:  # Redis unreachable; realtime.membership logs the outage
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # Being torn down (disconnect, worker shutdown). channels-redis can turn the
+                    # CancelledError into another error on its way out (a KeyError from its
+                    # receive buffer); retrying would swallow the cancellation and keep the
+                    # worker's graceful shutdown waiting for GRACEFUL_TIMEOUT.
+                    raise asyncio.CancelledError from exc
+                if not isinstance(exc, LAYER_CONNECTION_ERRORS):
+                    raise
+                # Redis unreachable: realtime.membership logs the outage.
                 logger.debug("channel layer receive failed (%s); retrying", type(exc).__name__)
                 keeper.poke()
                 jitter = random.uniform(0.5, 1.5)  # noqa: S311 (not cryptographic)
@@ -98,9 +196,13 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         except Exception as exc:
             raise LayerUnavailable(type(exc).__name__) from exc
         self.joined.append(group)
-        keeper.add(self)
-        if self._renewal is None:
-            self._renewal = asyncio.create_task(self._renew_memberships())
+        # Only layers that keep memberships in Redis, with an expiry, need them renewed and
+        # restored after a Redis restart (realtime.fanout_layer keeps them in the process and
+        # re-subscribes by itself): no renewal task and no keeper entry per socket otherwise.
+        if getattr(self.channel_layer, "group_expiry", None):
+            keeper.add(self)
+            if self._renewal is None:
+                self._renewal = asyncio.create_task(self._renew_memberships())
 
     async def _renew_memberships(self) -> None:
         expiry = settings.CHANNEL_LAYERS["default"].get("CONFIG", {}).get("group_expiry", 86400)
@@ -132,7 +234,10 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         if not handler_name.startswith("websocket_") and not hasattr(self, handler_name):
             logger.warning("ignored event of unknown type %r", message.get("type"))
             return
-        await super().dispatch(message)
+        if message["type"] in DB_EVENTS:
+            await super().dispatch(message)  # closes stale DB connections first (a thread hop)
+        else:
+            await getattr(self, handler_name)(message)
 
     async def send_error(self, code: str, detail: str) -> None:
         await self.send(

@@ -32,8 +32,12 @@ down, messages published meanwhile do not reach that process: the reader reconne
 backoff, re-subscribes everything, counts the outage (``reconnects``) and logs it as a warning.
 A publish that fails or gets no reply within ``socket_timeout`` is *not* retried (a retry could
 deliver twice): the error reaches the caller, whose client is told to send again
-(``unavailable``). ``REDIS_URL`` may be ``redis://``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none``
-and ``?ssl_ca_certs=<file>`` are honoured) or ``unix://``.
+(``unavailable``). For ``RECOVERY_GRACE`` after its subscriptions are restored, a process
+refuses to publish, so that nothing is published while other processes are still re-subscribing
+(it would reach nobody, silently).
+
+``REDIS_URL`` may be ``redis://``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none`` and
+``?ssl_ca_certs=<file>`` are honoured) or ``unix://``.
 """
 
 from __future__ import annotations
@@ -64,9 +68,15 @@ logger = logging.getLogger("switchboard.layer")
 DROP_LOG_SECONDS = 10.0
 #: How long ``group_add`` and ``new_channel`` wait for Redis to confirm a subscription.
 SUBSCRIBE_TIMEOUT = 5.0
-#: Reconnect backoff of the subscriber, seconds (doubling up to the maximum).
-RECONNECT_FIRST = 0.1
-RECONNECT_MAX = 2.0
+#: Reconnect backoff of the subscriber, seconds (doubling up to the maximum). A refused
+#: connection costs next to nothing, and the maximum bounds how long after Redis is back every
+#: process is subscribed again.
+RECONNECT_FIRST = 0.05
+RECONNECT_MAX = 0.5
+#: After an outage a process refuses to publish (``unavailable``) for this long once its own
+#: subscriptions are back: the other processes reconnect on the same backoff, so by then they
+#: are subscribed too, and a message published meanwhile would reach nobody -- silently.
+RECOVERY_GRACE = RECONNECT_MAX + 0.25
 #: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
 #: means a dead peer (a half-open TCP connection never reports itself).
 PING_INTERVAL = 15.0
@@ -295,11 +305,12 @@ class _Mailbox:
     """One channel's bounded FIFO with at most one waiting receiver. Small on purpose (one per
     websocket): a message for a waiting receiver is handed over without being stored."""
 
-    __slots__ = ("items", "waiter")
+    __slots__ = ("items", "stale", "waiter")
 
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] | None = None
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
+        self.stale = False  # see _LoopState.sweep
 
     def put(self, message: dict[str, Any], capacity: int) -> bool:
         """Deliver or store; ``False`` when the oldest stored message had to make room."""
@@ -318,6 +329,7 @@ class _Mailbox:
         return room
 
     async def get(self) -> dict[str, Any]:
+        self.stale = False
         if self.items:
             return self.items.pop(0)
         waiter = self.waiter = asyncio.get_running_loop().create_future()
@@ -351,6 +363,7 @@ class _LoopState:
         self.subscriber: RespConnection | None = None
         self.reader: asyncio.Task[None] | None = None
         self.ready = asyncio.Event()
+        self.recovering_until = 0.0  # see RECOVERY_GRACE
 
     # -- publishing ------------------------------------------------------------------------------
     async def _publisher(self) -> RespConnection:
@@ -366,6 +379,12 @@ class _LoopState:
             return self.publisher
 
     async def publish(self, channel: bytes, payload: bytes) -> int:
+        # While this process's own subscriptions are down, or other processes may still be
+        # re-subscribing, a message could reach nobody: refuse it (the caller is told) instead.
+        subscriber_down = self.reader is not None and not self.ready.is_set()
+        if subscriber_down or self.loop.time() < self.recovering_until:
+            STATS.publish_failures += 1
+            raise RedisUnavailable("channel layer: re-subscribing after an outage")
         try:
             connection = self.publisher
             if connection is None or not connection.is_open:
@@ -409,6 +428,21 @@ class _LoopState:
             self.unsubscribing[channel] += 1
             self.subscriber.write("UNSUBSCRIBE", channel)
 
+    def sweep(self) -> None:
+        """Forget mailboxes nobody reads: not waited on, empty, in no group, and untouched since
+        the previous sweep. (A consumer's mailbox always has its receive waiting, except while
+        the consumer handles a message; a one-off ``receive`` -- ``/readyz`` -- leaves one.)"""
+        members = set().union(*self.groups.values()) if self.groups else set()
+        for name, mailbox in list(self.mailboxes.items()):
+            if mailbox.waiter is not None or mailbox.items or name in members:
+                mailbox.stale = False
+            elif mailbox.stale:
+                del self.mailboxes[name]
+                if "!" not in name:
+                    self.unsubscribe(self.layer.named_channel(name))
+            else:
+                mailbox.stale = True
+
     def _wanted(self) -> set[bytes]:
         wanted = {self.process_channel}
         wanted.update(self.layer.group_channel(g) for g in self.groups)
@@ -430,13 +464,20 @@ class _LoopState:
                     self.confirming.setdefault(channel, self.loop.create_future())
                     connection.write("SUBSCRIBE", channel)
                 if down_since is not None:
+                    self.recovering_until = self.loop.time() + RECOVERY_GRACE
                     logger.warning(
-                        "channel layer: subscriptions restored after %.1f s",
+                        "channel layer back after %.1f s: %d memberships of %d sockets restored "
+                        "(%d groups re-subscribed); publishing resumes in %.2f s",
                         time.monotonic() - down_since,
+                        sum(len(m) for m in self.groups.values()),
+                        len({c for m in self.groups.values() for c in m}),
+                        len(self.groups),
+                        RECOVERY_GRACE,
                     )
                     down_since, delay = None, RECONNECT_FIRST
                 while not connection.lost.done():
                     await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
+                    self.sweep()
                     if not connection.lost.done():
                         self._pong = self.loop.create_future()
                         connection.write("PING")

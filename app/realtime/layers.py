@@ -7,15 +7,30 @@ connections to Redis for the rest of its life -- measured here as Redis ``connec
 going from 7 to 1,740 and staying there. This layer's pool still opens as many connections as a
 burst needs (up to ``max_connections``), but keeps at most ``max_idle_connections`` idle ones
 and closes the rest as they are released.
+
+``receive`` is also made to honour cancellation. On Python 3.11, ``asyncio.wait_for`` returns the
+inner result and drops a cancellation that arrives just as the inner call finishes (CPython
+gh-86296, fixed in 3.12); redis-py sends every command through ``wait_for`` when a socket
+timeout is set. A consumer whose socket closed while its receive was sending BZPOPMIN then kept
+blocking in BZPOPMIN forever: the worker's graceful shutdown waited the whole GRACEFUL_TIMEOUT
+(found by tests/faults/test_rolling_restart.py), and outside shutdowns the task leaked.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 from typing import Any
 
 from channels_redis.core import RedisChannelLayer as _StockRedisChannelLayer
 from redis.asyncio import ConnectionPool
+
+logger = logging.getLogger("switchboard.layer")
+
+#: How often, and how many times, a cancelled receive is cancelled again until it stops.
+RECANCEL_EVERY_SECONDS = 0.05
+RECANCEL_ATTEMPTS = 100
 
 
 class IdleCappedConnectionPool(ConnectionPool):
@@ -49,3 +64,21 @@ class RedisChannelLayer(_StockRedisChannelLayer):
         if "address" not in host:  # sentinel or host/port entries: not built by our settings
             return super().create_pool(index)
         return IdleCappedConnectionPool.from_url(host.pop("address"), **host)
+
+    async def receive(self, channel: str) -> dict[str, Any]:
+        """The stock receive, run as a task of its own that is cancelled until it has stopped."""
+        inner = asyncio.ensure_future(super().receive(channel))
+        try:
+            await asyncio.wait({inner})
+        except asyncio.CancelledError:
+            for _ in range(RECANCEL_ATTEMPTS):
+                inner.cancel()
+                done, _ = await asyncio.wait({inner}, timeout=RECANCEL_EVERY_SECONDS)
+                if done:
+                    break
+            else:
+                logger.warning("a cancelled receive on %s would not stop", channel)
+            if inner.done() and not inner.cancelled():
+                inner.exception()  # retrieved: a late error is no news to anyone
+            raise
+        return inner.result()

@@ -195,6 +195,21 @@ async def eventually(predicate: Any, timeout: float, interval: float = 0.05) -> 
     raise TimeoutError(f"not within {timeout} s: {predicate}")
 
 
+async def http_flood(
+    stack: RunningStack, address: str, path: str, count: int, concurrency: int = 20
+) -> list[int]:
+    """``count`` GETs of ``path`` through nginx from the loopback ``address``: status codes."""
+    transport = httpx.AsyncHTTPTransport(verify=stack.ssl_context(), local_address=address)
+    limit = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=stack.base_url, transport=transport, timeout=10) as c:
+
+        async def one() -> int:
+            async with limit:
+                return (await c.get(path)).status_code
+
+        return list(await asyncio.gather(*(one() for _ in range(count))))
+
+
 def pid_of(process: str) -> int:
     return int(process.rsplit(":", 1)[1])
 

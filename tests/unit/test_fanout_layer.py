@@ -1,0 +1,112 @@
+"""realtime.fanout_layer against a real redis-server: two layer objects stand for two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from realtime import fanout_layer
+from realtime.fanout_layer import FanoutChannelLayer, RedisUnavailable
+from tests.redis_server import redis_server
+
+
+@pytest.fixture
+async def layers(redis_url: str) -> AsyncIterator[tuple[FanoutChannelLayer, FanoutChannelLayer]]:
+    a = FanoutChannelLayer(hosts=[{"address": redis_url}], capacity=5)
+    b = FanoutChannelLayer(hosts=[{"address": redis_url}], capacity=5)
+    yield a, b
+    await a.flush()
+    await b.flush()
+
+
+async def receive(layer: FanoutChannelLayer, channel: str) -> dict:
+    return await asyncio.wait_for(layer.receive(channel), 2)
+
+
+async def test_group_send_reaches_every_member_in_every_process(layers) -> None:
+    a, b = layers
+    ca, cb1, cb2 = await a.new_channel(), await b.new_channel(), await b.new_channel()
+    for layer, channel in ((a, ca), (b, cb1), (b, cb2)):
+        await layer.group_add("room", channel)
+    await a.group_send("room", {"type": "chat.message", "text": "hi"})
+    got = [await receive(a, ca), await receive(b, cb1), await receive(b, cb2)]
+    assert all(m == {"type": "chat.message", "text": "hi"} for m in got)
+    got[1]["text"] = "changed by one handler"
+    assert got[2]["text"] == "hi"  # each member has its own copy
+
+
+async def test_send_to_a_channel_of_another_process_and_to_a_named_channel(layers) -> None:
+    a, b = layers
+    cb = await b.new_channel()
+    await a.send(cb, {"type": "direct", "n": 1})
+    assert await receive(b, cb) == {"type": "direct", "n": 1}
+    waiting = asyncio.ensure_future(b.receive("jobs"))
+    await asyncio.sleep(0.1)  # the named channel is subscribed on first receive
+    await a.send("jobs", {"type": "job"})
+    assert await asyncio.wait_for(waiting, 2) == {"type": "job"}
+
+
+async def test_discarded_members_get_nothing_more(layers) -> None:
+    a, b = layers
+    ca, cb = await a.new_channel(), await b.new_channel()
+    await a.group_add("g", ca)
+    await b.group_add("g", cb)
+    await b.group_discard("g", cb)
+    await a.group_send("g", {"type": "x"})
+    assert await receive(a, ca) == {"type": "x"}
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(b.receive(cb), 0.3)
+
+
+async def test_a_consumer_that_falls_behind_loses_its_oldest_messages_counted_and_logged(
+    layers, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, b = layers
+    cb = await b.new_channel()
+    await b.group_add("slow", cb)
+    dropped_before = fanout_layer.STATS.dropped
+    b._drops_logged_at = -1e9  # this test wants the warning whatever logged before
+    with caplog.at_level(logging.WARNING, logger="switchboard.layer"):
+        for n in range(8):
+            await a.group_send("slow", {"type": "m", "n": n})
+        await asyncio.sleep(0.3)
+    assert fanout_layer.STATS.dropped - dropped_before == 3
+    assert "dropped" in caplog.text
+    assert [(await receive(b, cb))["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
+    assert b.stats()["dropped"] == fanout_layer.STATS.dropped
+
+
+async def test_abandoned_mailboxes_are_swept(layers) -> None:
+    a, _ = layers
+    channel = await a.new_channel()
+    await a.send(channel, {"type": "probe"})
+    await receive(a, channel)  # a one-off round trip, like /readyz
+    state = a._state()
+    assert channel in state.mailboxes
+    state.sweep()
+    state.sweep()
+    assert channel not in state.mailboxes
+
+
+async def test_redis_outage_refuses_publishes_then_recovers(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as url:
+        layer = FanoutChannelLayer(hosts=[{"address": url}])
+        channel = await layer.new_channel()
+        await layer.group_add("g", channel)
+        state = layer._state()
+        reconnects = fanout_layer.STATS.reconnects
+        # Break both connections, as a Redis restart does.
+        state.subscriber.close()
+        state.publisher and state.publisher.close()
+        await asyncio.sleep(0.05)
+        assert fanout_layer.STATS.reconnects == reconnects + 1
+        with pytest.raises(RedisUnavailable):  # while re-subscribing: refused, not lost
+            await layer.group_send("g", {"type": "m"})
+        await asyncio.sleep(fanout_layer.RECONNECT_MAX + fanout_layer.RECOVERY_GRACE + 0.2)
+        await layer.group_send("g", {"type": "m"})
+        assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "m"}
+        await layer.flush()
