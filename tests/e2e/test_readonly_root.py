@@ -41,9 +41,19 @@ def test_replica_serves_from_a_read_only_root(stack: RunningStack) -> None:
         "DATABASE_URL": "postgres://nobody:nothing@127.0.0.1:1/none",
     }
     marker = ROOT / "app" / ".read-only-check"
+    fresh_tmp = "mount -t tmpfs tmpfs /tmp || exit 91"
+    if ROOT.is_relative_to("/tmp"):
+        # A checkout under /tmp would vanish under the fresh tmpfs: keep a handle on the old /tmp
+        # and bind the checkout back at its own path, read-only like the rest of the image.
+        here = shlex.quote(str(ROOT))
+        old = shlex.quote(str(Path("/mnt") / ROOT.relative_to("/tmp")))
+        fresh_tmp = (
+            f"mount --bind /tmp /mnt && mount -t tmpfs tmpfs /tmp && mkdir -p {here} && "
+            f"mount --bind {old} {here} && mount -o remount,bind,ro {here} || exit 91"
+        )
     script = f"""
         mount -o remount,bind,ro / || exit 90
-        mount -t tmpfs tmpfs /tmp || exit 91
+        {fresh_tmp}
         if touch {shlex.quote(str(marker))} 2>/dev/null; then echo "repo is writable"; exit 92; fi
         gunicorn -c infra/gunicorn.conf.py & server=$!
         ready=1

