@@ -10,8 +10,9 @@ BIN    := $(VENV)/bin
 # The static checks' tools (checkov, hadolint, ...) live in a virtualenv of their own.
 VALIDATORS ?= .venv-validators
 # Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
-# envsubst (gettext-base) to render the nginx template as the nginx image does.
-TEST_PACKAGES ?= postgresql gettext-base
+# envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
+# browser test (tests/browser, driven by Playwright; its own browser download is never used).
+TEST_PACKAGES ?= postgresql gettext-base chromium
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 
@@ -66,10 +67,12 @@ venv: $(VENV)/.installed
 validators:  ## Create the validators' virtualenv (pinned, hashed: requirements/validators.txt)
 	@infra/install-validators.sh $(VALIDATORS)
 
-$(VENV)/.installed: requirements/dev.txt
+$(VENV)/.installed: requirements/dev.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements/dev.txt
+	# The project itself, for the switchboard-loadtest console script (dependencies are pinned above).
+	$(BIN)/python -m pip install --quiet --no-deps --editable .
 	touch $@
 
 clean: stop  ## Remove the virtualenv, runtime files and the SQLite database

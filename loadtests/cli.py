@@ -36,15 +36,15 @@ SCENARIOS = ("fanout", "knee", "connections", "bigroom")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 #: Per-scenario defaults; flags the user gives win. The knee defaults are the issue's anchor
-#: setup -- 200 connections in rooms of 10, everyone sending, stepped up -- starting at 0.25
-#: msg/s each (500 deliveries/s) so that the tutorial baseline passes a first step, doubling
-#: until a step fails, then bisecting three times (to within ~10 %).
+#: setup -- 200 connections in rooms of 10, everyone sending, stepped up -- starting at 1/16
+#: msg/s each (125 deliveries/s) so that the tutorial baseline has a first step to pass,
+#: doubling until a step fails, then bisecting three times (to within ~10 %).
 DEFAULTS: dict[str, dict[str, Any]] = {
     "fanout": {"connections": 200, "room_size": 10, "rate": 1.0, "duration": 10.0},
     "knee": {
         "connections": 200,
         "room_size": 10,
-        "start_rate": 0.25,
+        "start_rate": 0.0625,
         "factor": 2.0,
         "duration": 8.0,
         "p99_ms": 100.0,
@@ -84,6 +84,9 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--factor", type=float, help="knee: rate multiplier per step")
     g.add_argument("--max-rate", type=float, help="knee: highest rate per sender tried")
     g.add_argument("--refine", type=int, help="knee: bisection steps after the first failure")
+    g.add_argument(
+        "--retries", type=int, help="repeats of a step that failed on latency alone (default 1)"
+    )
     g.add_argument(
         "--step", action="store_true", default=None, help="bigroom: step the rate up like knee"
     )
@@ -293,7 +296,7 @@ def run(
     )
     print(report.render(outcome, options))
     if comparing:
-        print(report.ratios(outcome, args.baseline))
+        print(report.ratios(outcome, args.baseline, options))
     print(report.failures_text(outcome.failures))
     stamp = time.strftime("%Y%m%d-%H%M%S")
     name = f"{stamp}-{'compare-' if comparing else ''}{scenario}"

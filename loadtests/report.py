@@ -45,11 +45,12 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str]) -> str:
     return "\n".join(out)
 
 
-def representative(scenario: str, run: TargetRun) -> PhaseResult | None:
-    """The phase a target is judged by: its knee step, else its best phase."""
+def representative(scenario: str, run: TargetRun, stepped: bool = False) -> PhaseResult | None:
+    """The phase a target is judged by: its knee step when the rate was stepped, else its
+    best phase (most deliveries per second)."""
     if not run.phases:
         return None
-    if scenario in {"knee"} or (scenario == "bigroom" and len(run.phases) > 1):
+    if scenario == "knee" or stepped:
         return knee_of(run)
     return max(run.phases, key=lambda p: p.account.deliveries_per_s)
 
@@ -135,7 +136,7 @@ def render(outcome: Outcome, options: Any) -> str:
         if rows:
             out.append("")
             out.append(table(rows, ["phase", *PHASE_HEADER, "verdict"]))
-        best = representative(scenario, run)
+        best = representative(scenario, run, bool(getattr(options, "step", False)))
         if scenario == "knee" or (scenario == "bigroom" and options.step):
             if best is not None:
                 out.append(
@@ -187,15 +188,16 @@ def _pairs_section(run: TargetRun) -> list[str]:
     return lines
 
 
-def ratios(outcome: Outcome, baseline: str | None) -> str:
+def ratios(outcome: Outcome, baseline: str | None, options: Any = None) -> str:
     """``compare``: each target against the baseline."""
     runs = outcome.runs
     base = next((r for r in runs if r.target.label == baseline), None)
     if base is None:
         base = next((r for r in runs if r.target.label.startswith("tutorial")), runs[-1])
+    stepped = bool(getattr(options, "step", False))
     figures: dict[str, dict[str, float]] = {}
     for run in runs:
-        figures[run.target.label] = _headline(outcome.scenario, run)
+        figures[run.target.label] = _headline(outcome.scenario, run, stepped)
     b = figures[base.target.label]
     rows = []
     for label, fig in figures.items():
@@ -213,7 +215,7 @@ def ratios(outcome: Outcome, baseline: str | None) -> str:
     )
 
 
-def _headline(scenario: str, run: TargetRun) -> dict[str, float]:
+def _headline(scenario: str, run: TargetRun, stepped: bool = False) -> dict[str, float]:
     if scenario == "connections":
         m = run.extra.get("memory", {})
         c = run.connect_summary()
@@ -222,10 +224,10 @@ def _headline(scenario: str, run: TargetRun) -> dict[str, float]:
             "KiB/conn (nginx)": m.get("nginx", {}).get("kib_per_connection", math.nan),
             "connects/s": c["per_s"],
         }
-    p = representative(scenario, run)
+    p = representative(scenario, run, stepped)
     if p is None:
         return {"deliveries/s": math.nan, "p99 ms": math.nan, "app us/delivery": math.nan}
-    label = "knee deliveries/s" if scenario == "knee" else "deliveries/s"
+    label = "knee deliveries/s" if scenario == "knee" or stepped else "deliveries/s"
     return {
         label: p.account.deliveries_per_s,
         "p99 ms": p.account.latency["p99"],
@@ -282,7 +284,7 @@ def as_json(outcome: Outcome, options: Any, argv: Sequence[str], client: dict[st
                 **run.extra,
                 "warmups": [p.as_dict() for p in run.warmups],
                 "phases": [p.as_dict() for p in run.phases],
-                "headline": _headline(outcome.scenario, run),
+                "headline": _headline(outcome.scenario, run, bool(getattr(options, "step", False))),
             }
             for run in outcome.runs
         ],
@@ -317,7 +319,10 @@ def plot(outcome: Outcome, options: Any, path: Path) -> bool:
     fig, (hist_ax, time_ax) = plt.subplots(1, 2, figsize=(11, 4), dpi=90)
     edges = HISTOGRAM_EDGES_MS
     for run in outcome.runs:
-        phase = representative(outcome.scenario, run) or (run.phases[-1] if run.phases else None)
+        stepped = bool(getattr(options, "step", False))
+        phase = representative(outcome.scenario, run, stepped) or (
+            run.phases[-1] if run.phases else None
+        )
         if phase is None or not phase.account.latency_histogram:
             continue
         counts = phase.account.latency_histogram

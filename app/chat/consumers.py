@@ -98,7 +98,9 @@ class ChatConsumer(GroupMemberConsumer):
         if self.refused_in_a_row > settings.CHAT_FLOOD_CLOSE_AFTER:
             logger.warning(
                 "flood: closing %s room=%s after %d frames in a row over the rate limit",
-                self.client, self.room, self.refused_in_a_row - 1,
+                self.client,
+                self.room,
+                self.refused_in_a_row - 1,
             )
             self.flood_closed = True  # frames already on their way are dropped
             await self.close(code=CLOSE_POLICY_VIOLATION)

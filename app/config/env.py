@@ -147,9 +147,13 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CHAT_MAX_MESSAGE_CHARS", "4000", DJANGO, "Longest chat `message` text accepted."),
     Setting("CHAT_RATE_PER_SECOND", "10", DJANGO, "Sustained chat messages per connection."),
     Setting("CHAT_RATE_BURST", "20", DJANGO, "Burst of chat messages per connection."),
-    Setting("CHAT_FLOOD_CLOSE_AFTER", "100", DJANGO,
-            "Frames in a row over the rate (each answered `rate_limited`) after which the "
-            "connection is closed with 1008."),
+    Setting(
+        "CHAT_FLOOD_CLOSE_AFTER",
+        "100",
+        DJANGO,
+        "Frames in a row over the rate (each answered `rate_limited`) after which the "
+        "connection is closed with 1008.",
+    ),
     Setting(
         "REPLICA_NAME",
         "",

@@ -130,13 +130,13 @@ async def test_redis_restart_during_traffic(fault_stack: RunningStack) -> None:
                 print(r, times[r], [where[c.name] for c in clients if r in c.refs])
             print("where", where, "ready_after", ready_after)
             for name in programs:
-                print(stack.log(name)[offsets[name]:][-3000:])
+                print(stack.log(name)[offsets[name] :][-3000:])
         assert 0 <= silently_lost <= 2, (sorted(nowhere), sorted(partial), len(unavailable))
         assert ready_after < RECOVERY_LIMIT
         assert delivery_after < RECOVERY_LIMIT
         assert unhandled_errors(stack, offsets) == []
         restored = sum(
-            stack.log(name)[offsets[name]:].count("memberships of") for name in programs
+            stack.log(name)[offsets[name] :].count("memberships of") for name in programs
         )
         assert restored == sum(len(pids) for pids in workers.values())
 
@@ -163,4 +163,3 @@ async def test_redis_restart_during_traffic(fault_stack: RunningStack) -> None:
         await asyncio.gather(*(c.stop() for c in [*clients, sender]))
         with contextlib.suppress(Exception):
             stack.stack.supervisorctl("start", "redis")
-

@@ -44,6 +44,7 @@ async def monitor_readiness(
     """Counts ready replicas every 100 ms (each replica's /readyz, asked directly)."""
     async with httpx.AsyncClient(timeout=3) as client:
         while not stop.is_set():
+
             async def status(port: int) -> bool:
                 try:
                     return (await client.get(f"http://127.0.0.1:{port}/readyz")).status_code == 200
@@ -81,8 +82,13 @@ async def test_rolling_restart_one_replica_at_a_time(fault_stack: RunningStack) 
             reopened_before = {c.name: len(c.reopened) for c in clients}
             # The sender talks to a replica that stays up, directly (not through nginx).
             other_port = stack.stack.app_ports[(index + 1) % len(programs)]
-            sender = ChatClient(stack, "rolling", url=f"ws://127.0.0.1:{other_port}",
-                                reconnect=False, name=f"sender-{program}")
+            sender = ChatClient(
+                stack,
+                "rolling",
+                url=f"ws://127.0.0.1:{other_port}",
+                reconnect=False,
+                name=f"sender-{program}",
+            )
             await sender.start()
             flow = asyncio.create_task(
                 send_paced(sender, f"roll-{program}", MESSAGES_PER_PHASE, PER_SECOND)
@@ -94,7 +100,8 @@ async def test_rolling_restart_one_replica_at_a_time(fault_stack: RunningStack) 
             port = stack.stack.app_ports[index]
             await eventually(
                 lambda port=port: httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200,
-                timeout=60, interval=0.1,
+                timeout=60,
+                interval=0.1,
             )
             back_after = time.monotonic() - started
             sent = await flow

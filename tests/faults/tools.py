@@ -44,8 +44,14 @@ class ChatClient:
     """One chat page's websocket: records frames and closes; reconnects like chat.js."""
 
     def __init__(
-        self, stack: RunningStack, room: str, *, reconnect: bool = True, name: str = "",
-        url: str | None = None, **connect_kwargs: Any,
+        self,
+        stack: RunningStack,
+        room: str,
+        *,
+        reconnect: bool = True,
+        name: str = "",
+        url: str | None = None,
+        **connect_kwargs: Any,
     ) -> None:
         self.stack = stack
         self.room = room
@@ -69,7 +75,9 @@ class ChatClient:
         if self.url is None:
             return await self.stack.connect(room_path(self.room), **self.connect_kwargs)
         return await websockets.connect(
-            self.url + room_path(self.room), origin=self.stack.origin, open_timeout=10,
+            self.url + room_path(self.room),
+            origin=self.stack.origin,
+            open_timeout=10,
             **self.connect_kwargs,
         )
 
@@ -199,9 +207,13 @@ async def http_flood(
     stack: RunningStack, address: str, path: str, count: int, concurrency: int = 20
 ) -> list[int]:
     """``count`` GETs of ``path`` through nginx from the loopback ``address``: status codes."""
-    transport = httpx.AsyncHTTPTransport(verify=stack.ssl_context(), local_address=address)
+    transport = httpx.AsyncHTTPTransport(
+        verify=stack.ssl_context(),
+        local_address=address,
+        limits=httpx.Limits(max_connections=concurrency),
+    )
     limit = asyncio.Semaphore(concurrency)
-    async with httpx.AsyncClient(base_url=stack.base_url, transport=transport, timeout=10) as c:
+    async with httpx.AsyncClient(base_url=stack.base_url, transport=transport, timeout=60) as c:
 
         async def one() -> int:
             async with limit:
@@ -221,8 +233,13 @@ def program_of(process: str) -> str:
 
 def redis_client(stack: RunningStack) -> redis.Redis:
     password = (stack.stack.run_dir / "secrets" / "redis_password").read_text().strip()
-    return redis.Redis(host="127.0.0.1", port=stack.stack.redis_port, password=password,
-                       socket_timeout=2, socket_connect_timeout=2)
+    return redis.Redis(
+        host="127.0.0.1",
+        port=stack.stack.redis_port,
+        password=password,
+        socket_timeout=2,
+        socket_connect_timeout=2,
+    )
 
 
 def readyz(stack: RunningStack) -> list[int]:
@@ -264,6 +281,9 @@ def unhandled_errors(stack: RunningStack, offsets: dict[str, int]) -> list[str]:
     found = []
     for name, offset in offsets.items():
         if name.startswith("app"):
-            found += [line for line in log_since(stack, name, offset).splitlines()
-                      if UNHANDLED.search(line)]
+            found += [
+                line
+                for line in log_since(stack, name, offset).splitlines()
+                if UNHANDLED.search(line)
+            ]
     return found

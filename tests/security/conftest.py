@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
-from tests.harness import RunningStack, started
+from tests.harness import TEST_PASSWORD, RunningStack, started
 
 
 @pytest.fixture(scope="package")
@@ -13,3 +15,37 @@ def limits_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSt
     nginx limits lowered and reloaded, floods, and logs read from their first line."""
     with started(tmp_path_factory.mktemp("limits"), replicas=1, workers=1) as running:
         yield running
+
+
+def create_users(stack: RunningStack, *usernames: str) -> dict[str, int]:
+    """Create (or reset) users in one manage.py run; their primary keys by name."""
+    script = (
+        "from django.contrib.auth import get_user_model; U = get_user_model()\n"
+        f"for name in {list(usernames)!r}:\n"
+        "    u, _ = U.objects.get_or_create(username=name)\n"
+        f"    u.set_password({TEST_PASSWORD!r}); u.save(); print(name, u.pk)\n"
+    )
+    lines = stack.manage("shell", "-c", script).stdout.strip().splitlines()
+    pairs = [line.split() for line in lines]
+    return {p[0]: int(p[1]) for p in pairs if len(p) == 2 and p[0] in usernames}
+
+
+def log_in(stack: RunningStack, username: str) -> httpx.Client:
+    """A new session through the login form, as a browser gets one. (RunningStack.login also
+    re-saves the password, which ends every earlier session of that user.)"""
+    client = stack.http()
+    page = client.get("/accounts/login/")
+    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
+    response = client.post(
+        "/accounts/login/",
+        data={"username": username, "password": TEST_PASSWORD, "csrfmiddlewaretoken": token},
+        headers={"Referer": f"{stack.base_url}/accounts/login/"},
+    )
+    assert response.status_code == 302, response.text[:300]
+    return client
+
+
+def notify_self(stack: RunningStack, client: httpx.Client, message: str) -> None:
+    """Push a notification to the client's own user, through the view (no process to start)."""
+    response = stack.csrf_post(client, "/notifications/ping/", {"message": message})
+    assert response.status_code == 202, response.text

@@ -11,6 +11,7 @@ stays connected, and the workers log no unhandled exception.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from collections.abc import Iterator
@@ -43,8 +44,25 @@ json_values = st.recursive(
     max_leaves=25,
 )
 edge_chars = st.sampled_from(
-    ["\x00", "\x07", "\x1b[31m", "\r\n", "\u202e", "\u200b", "\ufeff", "\u0301", "\U0001f600",
-     "\uffff", "\U0010ffff", "\\", '"', "</script>", "%00", "\t", "\x7f"]
+    [
+        "\x00",
+        "\x07",
+        "\x1b[31m",
+        "\r\n",
+        "\u202e",
+        "\u200b",
+        "\ufeff",
+        "\u0301",
+        "\U0001f600",
+        "\uffff",
+        "\U0010ffff",
+        "\\",
+        '"',
+        "</script>",
+        "%00",
+        "\t",
+        "\x7f",
+    ]
 )
 edge_text = st.lists(edge_chars | text, min_size=1, max_size=8).map("".join)
 message_objects = st.fixed_dictionaries(
@@ -111,16 +129,21 @@ class Fuzzer:
     def __init__(self, stack: RunningStack) -> None:
         self.stack = stack
         self.ws: ClientConnection | None = None
+        self.held = contextlib.ExitStack()
         self.sent_on_this = 0
         self.outcomes: dict[str, int] = {}
 
     def socket(self) -> ClientConnection:
         if self.ws is None or self.sent_on_this >= FRAMES_PER_CONNECTION:
-            if self.ws is not None:
-                self.ws.close()
-            self.ws = connect(
-                self.stack.ws_url + room_path(ROOM), ssl=self.stack.ssl_context(),
-                origin=self.stack.origin, open_timeout=10, max_size=None,
+            self.held.close()
+            self.ws = self.held.enter_context(
+                connect(
+                    self.stack.ws_url + room_path(ROOM),
+                    ssl=self.stack.ssl_context(),
+                    origin=self.stack.origin,
+                    open_timeout=10,
+                    max_size=None,
+                )
             )
             self.sent_on_this = 0
         return self.ws
@@ -132,21 +155,27 @@ class Fuzzer:
 @pytest.fixture(scope="module")
 def room(stack: RunningStack) -> Iterator[tuple[Fuzzer, Observer, dict[str, int]]]:
     offsets = log_offsets(stack)
-    watcher = connect(stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(),
-                      origin=stack.origin, open_timeout=10)
-    observer = Observer(watcher)
-    observer.start()
     fuzzer = Fuzzer(stack)
-    yield fuzzer, observer, offsets
-    if fuzzer.ws is not None:
-        fuzzer.ws.close()
-    watcher.close()
+    with (
+        connect(
+            stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(), origin=stack.origin
+        ) as watcher,
+        fuzzer.held,
+    ):
+        observer = Observer(watcher)
+        observer.start()
+        yield fuzzer, observer, offsets
 
 
 @settings(
-    max_examples=EXAMPLES, deadline=None, database=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                           HealthCheck.data_too_large],
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
 )
 @given(frame=frames)
 def test_every_frame_gets_an_error_or_a_clean_close(
@@ -171,7 +200,9 @@ def test_every_frame_gets_an_error_or_a_clean_close(
         # lost to a TCP reset while the client is still sending the rest of the frame (the
         # connection is closed either way; see docs/guarantees.md): counted, not failed.
         assert (code, kind) == (1007, "bad-utf8") or (code in {1009, None} and too_big), (
-            code, kind)
+            code,
+            kind,
+        )
         return
     assert kind != "bad-utf8", "invalid UTF-8 in a text frame must close the connection (1007)"
     if kind == "text":
@@ -201,12 +232,18 @@ def test_the_room_was_unaffected_and_nothing_went_unhandled(
     assert fuzzer.outcomes.get("close 1009", 0) > 0 and fuzzer.outcomes.get("close 1007", 0) > 0
     # The reset race above is the exception, not the rule.
     assert fuzzer.outcomes.get("close None", 0) <= fuzzer.outcomes["close 1009"]
-    for code in ("invalid_json", "not_an_object", "missing_message", "invalid_message",
-                 "binary_not_supported"):
+    for code in (
+        "invalid_json",
+        "not_an_object",
+        "missing_message",
+        "invalid_message",
+        "binary_not_supported",
+    ):
         assert fuzzer.outcomes.get(code, 0) > 0, (code, fuzzer.outcomes)
     # The bystander: still connected, got only chat messages, and still receives.
-    with connect(stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(),
-                 origin=stack.origin) as sender:
+    with connect(
+        stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(), origin=stack.origin
+    ) as sender:
         sender.send(json.dumps({"message": "still fine?", "ref": "canary"}))
         json.loads(sender.recv(timeout=10))
     for _ in range(100):

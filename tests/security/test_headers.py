@@ -19,8 +19,16 @@ ROOT = Path(__file__).resolve().parents[2]
 #: Pages of every kind nginx serves: the app's HTML, a redirect, a login form, a static file,
 #: Django's 404, nginx's own answers (/healthz, the hidden /readyz, a limit refusal page is
 #: covered by `always`).
-PATHS = ["/chat/lobby/", "/", "/accounts/login/", "/static/chat/chat.js", "/no-such-page/",
-         "/healthz", "/readyz", "/ws/chat/lobby/"]
+PATHS = [
+    "/chat/lobby/",
+    "/",
+    "/accounts/login/",
+    "/static/chat/chat.js",
+    "/no-such-page/",
+    "/healthz",
+    "/readyz",
+    "/ws/chat/lobby/",
+]
 
 
 def header_values(response: httpx.Response, name: str) -> list[str]:
@@ -36,8 +44,11 @@ def test_every_response_carries_the_security_headers(stack: RunningStack, path: 
     max_age = int(re.search(r"max-age=(\d+)", hsts[0]).group(1))
     assert max_age >= 31536000 and "includeSubDomains" in hsts[0]
     assert header_values(response, "X-Content-Type-Options") == ["nosniff"]
-    assert header_values(response, "Referrer-Policy") in (["same-origin"], ["no-referrer"],
-                                                         ["strict-origin-when-cross-origin"])
+    assert header_values(response, "Referrer-Policy") in (
+        ["same-origin"],
+        ["no-referrer"],
+        ["strict-origin-when-cross-origin"],
+    )
     framing = header_values(response, "X-Frame-Options")
     csp = response.headers.get("Content-Security-Policy", "")
     assert framing == ["DENY"] or "frame-ancestors 'none'" in csp
@@ -95,7 +106,12 @@ def test_check_deploy_fails_on_insecure_settings(stack: RunningStack) -> None:
     env = stack.stack.app_environment() | {"DJANGO_DEBUG": "true", "DJANGO_SECURE": "false"}
     result = subprocess.run(
         [sys.executable, "manage.py", "check", "--deploy", "--fail-level", "WARNING"],
-        env=env, cwd=ROOT / "app", capture_output=True, text=True, check=False, timeout=60,
+        env=env,
+        cwd=ROOT / "app",
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0

@@ -64,7 +64,9 @@ async def hostile_and_ordinary_use(stack: RunningStack) -> dict[str, str]:
         while True:
             await ws.recv()
     # nginx's per-IP handshake limit, hit with the token in the query string.
-    statuses = await http_flood(stack, "127.0.0.70", f"/ws/chat/hygiene/?token={TOKEN}", 400)
+    statuses = await http_flood(
+        stack, "127.0.0.70", f"/ws/chat/hygiene/?token={TOKEN}", 400, concurrency=400
+    )
     assert 429 in statuses
     # A notifications socket open at logout is closed by it.
     async with await stack.connect("/ws/notifications/", cookies=user.cookies) as ws:
@@ -87,8 +89,10 @@ async def test_logs_have_the_events_and_none_of_the_secrets(limits_stack: Runnin
         "Django secret key": (stack.stack.run_dir / "secrets" / "django_secret_key").read_text(),
         "Redis password": (stack.stack.run_dir / "secrets" / "redis_password").read_text(),
     }
-    logs = {path.name: path.read_text(errors="replace")
-            for path in sorted(stack.stack.logs_dir.glob("*.log"))}
+    logs = {
+        path.name: path.read_text(errors="replace")
+        for path in sorted(stack.stack.logs_dir.glob("*.log"))
+    }
     assert {"app1.log", "nginx.log", "redis.log", "supervisord.log"} <= set(logs)
     for name, text in logs.items():
         for what, secret in secrets.items():

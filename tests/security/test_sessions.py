@@ -9,38 +9,23 @@ the sockets of that session -- and only that session's.
 from __future__ import annotations
 
 import asyncio
-import re
+from collections.abc import Iterator
 
 import httpx
 import pytest
 import websockets
 
-from tests.harness import TEST_PASSWORD, RunningStack, recv_json, recv_until
+from tests.harness import RunningStack, recv_json, recv_until
+from tests.security.conftest import create_users, log_in, notify_self
 
 pytestmark = pytest.mark.e2e
 
-
-def user_pk(stack: RunningStack, username: str) -> int:
-    script = (f"from django.contrib.auth import get_user_model; "
-              f"print(get_user_model().objects.get(username={username!r}).pk)")
-    return int(stack.manage("shell", "-c", script).stdout.strip().splitlines()[-1])
+USERS = ("mallory", "victim", "cookie-owner", "hijacked", "two-devices")
 
 
-def second_session(stack: RunningStack, username: str) -> httpx.Client:
-    """Log an existing user in once more, as another device would.
-
-    (RunningStack.login re-saves the password, which would end every earlier session.)
-    """
-    client = stack.http()
-    page = client.get("/accounts/login/")
-    token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page.text).group(1)
-    response = client.post(
-        "/accounts/login/",
-        data={"username": username, "password": TEST_PASSWORD, "csrfmiddlewaretoken": token},
-        headers={"Referer": f"{stack.base_url}/accounts/login/"},
-    )
-    assert response.status_code == 302, response.text[:300]
-    return client
+@pytest.fixture(scope="module")
+def users(stack: RunningStack) -> Iterator[dict[str, int]]:
+    yield create_users(stack, *USERS)
 
 
 async def refused_with(ws: websockets.ClientConnection) -> tuple[str, int]:
@@ -50,32 +35,27 @@ async def refused_with(ws: websockets.ClientConnection) -> tuple[str, int]:
     return frame["code"], closed.value.rcvd.code
 
 
-async def notify(stack: RunningStack, username: str, message: str) -> None:
-    result = await asyncio.to_thread(stack.manage, "notify", username, message)
-    assert result.stdout.startswith("sent ")
-
-
-async def test_a_cookie_reaches_only_its_own_users_notifications(stack: RunningStack) -> None:
-    mallory = stack.login("mallory")
-    victim = stack.login("victim")
-    victim_pk = user_pk(stack, "victim")
+async def test_a_cookie_reaches_only_its_own_users_notifications(
+    stack: RunningStack, users: dict[str, int]
+) -> None:
+    mallory, victim = log_in(stack, "mallory"), log_in(stack, "victim")
+    pk = users["victim"]
     # Whatever Mallory puts in the URL, the group is the one of the user her cookie names.
-    paths = ["/ws/notifications/", f"/ws/notifications/?user={victim_pk}",
-             f"/ws/notifications/?user_id={victim_pk}&group=notifications.user.{victim_pk}"]
+    paths = [
+        "/ws/notifications/",
+        f"/ws/notifications/?user={pk}",
+        f"/ws/notifications/?user_id={pk}&group=notifications.user.{pk}",
+    ]
     sockets = [await stack.connect(p, cookies=mallory.cookies) for p in paths]
     victims = await stack.connect("/ws/notifications/", cookies=victim.cookies)
     try:
-        await notify(stack, "victim", "for the victim only")
-        frame = await recv_json(victims)
-        assert frame["message"] == "for the victim only"
-        for ws in sockets:
-            with pytest.raises(TimeoutError):
-                await recv_json(ws, timeout=1)
-        await notify(stack, "mallory", "for mallory")
-        for ws in sockets:
+        notify_self(stack, victim, "for the victim only")
+        assert (await recv_json(victims))["message"] == "for the victim only"
+        notify_self(stack, mallory, "for mallory")
+        for ws in sockets:  # the first thing each of Mallory's sockets gets is her own
             assert (await recv_json(ws))["message"] == "for mallory"
         with pytest.raises(TimeoutError):
-            await recv_json(victims, timeout=1)
+            await recv_json(victims, timeout=0.5)
     finally:
         await asyncio.gather(*(ws.close() for ws in [*sockets, victims]))
         mallory.close()
@@ -84,32 +64,35 @@ async def test_a_cookie_reaches_only_its_own_users_notifications(stack: RunningS
 
 @pytest.mark.parametrize("cookie", ["forged", "tampered", "none"])
 async def test_forged_or_tampered_session_cookies_are_anonymous(
-    stack: RunningStack, cookie: str
+    stack: RunningStack, users: dict[str, int], cookie: str
 ) -> None:
-    real = stack.login("cookie-owner")
-    value = real.cookies["sessionid"]
-    real.close()
     jar = httpx.Cookies()
     if cookie == "forged":
         jar.set("sessionid", "x" * 32)
     elif cookie == "tampered":
+        real = log_in(stack, "cookie-owner")
+        value = real.cookies["sessionid"]
+        real.close()
         jar.set("sessionid", value[:-1] + ("a" if value[-1] != "a" else "b"))
     ws = await stack.connect("/ws/notifications/", cookies=jar)
     assert await refused_with(ws) == ("auth_required", 4401)
 
 
-async def test_a_valid_cookie_from_a_foreign_origin_is_refused(stack: RunningStack) -> None:
-    client = stack.login("hijacked")
-    for origin in ("https://evil.example", "null", f"https://localhost.evil.example:{9}"):
+async def test_a_valid_cookie_from_a_foreign_origin_is_refused(
+    stack: RunningStack, users: dict[str, int]
+) -> None:
+    client = log_in(stack, "hijacked")
+    for origin in ("https://evil.example", "null", "https://localhost.evil.example"):
         with pytest.raises(websockets.InvalidStatus) as refused:
             await stack.connect("/ws/notifications/", cookies=client.cookies, origin=origin)
         assert refused.value.response.status_code == 403
     client.close()
 
 
-async def test_logout_closes_that_sessions_sockets_and_only_those(stack: RunningStack) -> None:
-    laptop = stack.login("two-devices")
-    phone = second_session(stack, "two-devices")
+async def test_logout_closes_that_sessions_sockets_and_only_those(
+    stack: RunningStack, users: dict[str, int]
+) -> None:
+    laptop, phone = log_in(stack, "two-devices"), log_in(stack, "two-devices")
     assert laptop.cookies["sessionid"] != phone.cookies["sessionid"]
     laptop_sockets = [
         await stack.connect("/ws/notifications/", cookies=laptop.cookies) for _ in range(2)
@@ -122,7 +105,7 @@ async def test_logout_closes_that_sessions_sockets_and_only_those(stack: Running
         for ws in laptop_sockets:
             assert await refused_with(ws) == ("logged_out", 4401)
         # The phone's session is untouched: still open, still delivered to.
-        await notify(stack, "two-devices", "still here")
+        notify_self(stack, phone, "still here")
         frame = await recv_until(phone_socket, lambda f: f.get("type") == "notification")
         assert frame["message"] == "still here"
         # The logged-out session cookie no longer authenticates a socket.
