@@ -73,7 +73,14 @@ class RunningStack:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> RunningStack:
-        self.stack.start(timeout=90)
+        try:
+            self.stack.start(timeout=90)
+        except BaseException:
+            # A stack that did not get ready is still running: stop it, or it outlives the test
+            # run (and its temporary run directory, which holds the only way to stop it).
+            if self.stack.is_running():
+                self.stack.stop()
+            raise
         return self
 
     def stop(self) -> None:
