@@ -50,11 +50,21 @@ async def test_flood_gets_rate_limited(stack: RunningStack) -> None:
 
 
 async def test_oversize_frame_closes_with_1009(stack: RunningStack) -> None:
-    ws = await stack.connect(room_path("big"), max_size=None)
-    await ws.send(json.dumps({"message": "x" * (64 * 1024 + 1)}))
-    with pytest.raises(websockets.ConnectionClosed) as closed:
-        await ws.recv()
-    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+    """The server rejects the frame from its header and closes with 1009 at once. Bytes of the
+    frame still in flight then meet a closed socket, and the kernel may answer them with a TCP
+    reset that overtakes the close frame (the client sees no close code). So: a few attempts,
+    at least one must show 1009, and none may show any other code."""
+    codes = []
+    for _ in range(5):
+        ws = await stack.connect(room_path("big"), max_size=None)
+        await ws.send(json.dumps({"message": "x" * (64 * 1024 + 1)}))
+        with pytest.raises(websockets.ConnectionClosed) as closed:
+            await ws.recv()
+        codes.append(closed.value.rcvd.code if closed.value.rcvd else None)
+        if 1009 in codes:
+            break
+    assert 1009 in codes, codes
+    assert set(codes) <= {1009, None}, codes
 
 
 @pytest.mark.parametrize("origin", ["https://evil.example", "null", None])

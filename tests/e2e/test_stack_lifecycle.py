@@ -43,7 +43,10 @@ def test_ctrl_c_on_the_foreground_stack_stops_everything(tmp_path: Path) -> None
     # What `make run` execs; a new session stands for the terminal's process group.
     process = subprocess.Popen(
         [sys.executable, "-m", "infra.stack", "run"],
-        cwd=ROOT, env=stack.stack.environ, stdout=log, stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env=stack.stack.environ,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     try:

@@ -198,7 +198,8 @@ def test_every_frame_gets_an_error_or_a_clean_close(
         too_big = kind == "text" and len(payload.encode()) > MAX_FRAME
         # Over the limit the app closes at once with 1009. Through nginx the close frame can be
         # lost to a TCP reset while the client is still sending the rest of the frame (the
-        # connection is closed either way; see docs/guarantees.md): counted, not failed.
+        # connection is closed either way; README.md, "Guarantees and failure modes"): counted,
+        # not failed.
         assert (code, kind) == (1007, "bad-utf8") or (code in {1009, None} and too_big), (
             code,
             kind,
