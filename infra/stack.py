@@ -53,6 +53,49 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port_block(count: int, attempts: int = 200) -> int:
+    """The first of ``count`` consecutive loopback ports that are free right now."""
+    for _ in range(attempts):
+        base = secrets.randbelow(40000 - count) + 20000
+        if all(_port_free(base + i) for i in range(count)):
+            return base
+    raise RuntimeError(f"found no {count} consecutive free ports")
+
+
+def isolated_environ(
+    run_dir: Path, *, replicas: int, workers: int, environ: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a stack of its own (tests, load tests): free ports, its own run
+    directory and SQLite file, production Django settings. The caller's ``DJANGO_*`` variables
+    are dropped: a test run's debug mode must not leak into a stack that stands for production.
+    """
+    base = free_port_block(replicas + 3)
+    source = os.environ if environ is None else environ
+    isolated = {k: v for k, v in source.items() if not k.startswith("DJANGO_")}
+    isolated.update(
+        DJANGO_DEBUG="false",
+        SWITCHBOARD_RUN_DIR=str(run_dir),
+        SWITCHBOARD_REPLICAS=str(replicas),
+        SWITCHBOARD_REDIS_PORT=str(base),
+        SWITCHBOARD_HTTPS_PORT=str(base + 1),
+        SWITCHBOARD_HTTP_PORT=str(base + 2),
+        SWITCHBOARD_APP_PORT_BASE=str(base + 3),
+        WEB_CONCURRENCY=str(workers),
+        DATABASE_URL=f"sqlite:///{run_dir / 'db.sqlite3'}",
+    )
+    return isolated
+
+
 @dataclass
 class Stack:
     """One native stack, described entirely by its run directory and the environment."""

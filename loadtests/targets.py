@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import random
 import re
 import shutil
 import socket
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from infra.stack import BIN, ROOT, Stack
+from infra.stack import BIN, ROOT, Stack, isolated_environ
 from loadtests.client import Endpoint
 
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -64,25 +63,6 @@ def require_loopback(host: str, port: int) -> str:
         )
     ipv4 = [a for a in addresses if ":" not in a]
     return ipv4[0] if ipv4 else addresses[0]
-
-
-def free_port_run(count: int, attempts: int = 100) -> int:
-    """The first of ``count`` consecutive ports that are free on 127.0.0.1 right now."""
-    for _ in range(attempts):
-        base = random.randrange(20000, 60000 - count)
-        probes = []
-        try:
-            for port in range(base, base + count):
-                probe = socket.socket()
-                probes.append(probe)
-                probe.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for probe in probes:
-                probe.close()
-        return base
-    raise TargetError(f"found no {count} consecutive free ports")
 
 
 def _children(pid: int) -> list[int]:
@@ -212,22 +192,8 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
     label = settings.pop("label", name if not settings else f"{name}:{_describe(settings)}")
     replicas = int(settings.pop("replicas", default_processes))
     workers = int(settings.get("WEB_CONCURRENCY", "2")) if cls is Stack else 1
-    base = free_port_run(replicas + 3)
     run_dir = Path(tempfile.mkdtemp(prefix=f"loadtest-{name}-", dir=run_root))
-    # The caller's DJANGO_* settings (a test run's debug mode, say) must not leak into a stack
-    # that stands for production; everything else in the environment is passed on.
-    environ = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
-    environ.update(
-        DJANGO_DEBUG="false",
-        SWITCHBOARD_RUN_DIR=str(run_dir),
-        SWITCHBOARD_REPLICAS=str(replicas),
-        SWITCHBOARD_REDIS_PORT=str(base),
-        SWITCHBOARD_HTTPS_PORT=str(base + 1),
-        SWITCHBOARD_HTTP_PORT=str(base + 2),
-        SWITCHBOARD_APP_PORT_BASE=str(base + 3),
-        DATABASE_URL=f"sqlite:///{run_dir / 'db.sqlite3'}",
-        WEB_CONCURRENCY=str(workers),
-    )
+    environ = isolated_environ(run_dir, replicas=replicas, workers=workers)
     if name == "switchboard":
         environ.update(SWITCHBOARD_BENCH_ENV)
     environ.update(settings)

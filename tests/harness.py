@@ -10,10 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import random
 import re
-import socket
 import ssl
 import subprocess
 import time
@@ -25,48 +22,15 @@ from typing import Any
 import httpx
 import websockets
 
-from infra.stack import Stack
+from infra.stack import Stack, isolated_environ
+from infra.stack import free_port_block as free_port_block  # re-exported for the tests
 
 TEST_PASSWORD = "correct-horse-battery-staple-42"
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def free_port_block(count: int) -> int:
-    """The first of ``count`` consecutive free loopback ports."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        if all(_port_free(base + i) for i in range(count)):
-            return base
-    raise RuntimeError(f"no block of {count} free ports")
-
-
 class RunningStack:
     def __init__(self, run_dir: Path, *, replicas: int = 3, workers: int = 2, **env: str) -> None:
-        base = free_port_block(replicas + 3)
-        # The test process's own DJANGO_* settings (debug, for in-process tests) must not leak
-        # into a stack that stands for production.
-        environ = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
-        environ.update(
-            DJANGO_DEBUG="false",
-            DJANGO_SECURE="true",
-            SWITCHBOARD_RUN_DIR=str(run_dir),
-            SWITCHBOARD_REPLICAS=str(replicas),
-            SWITCHBOARD_REDIS_PORT=str(base),
-            SWITCHBOARD_HTTPS_PORT=str(base + 1),
-            SWITCHBOARD_HTTP_PORT=str(base + 2),
-            SWITCHBOARD_APP_PORT_BASE=str(base + 3),
-            WEB_CONCURRENCY=str(workers),
-            DATABASE_URL=f"sqlite:///{run_dir / 'db.sqlite3'}",
-        )
+        environ = isolated_environ(run_dir, replicas=replicas, workers=workers)
         environ.update(env)
         self.stack = Stack.from_env(environ)
         self.workers = workers
