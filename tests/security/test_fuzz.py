@@ -136,17 +136,26 @@ class Fuzzer:
     def socket(self) -> ClientConnection:
         if self.ws is None or self.sent_on_this >= FRAMES_PER_CONNECTION:
             self.held.close()
-            self.ws = self.held.enter_context(
-                connect(
-                    self.stack.ws_url + room_path(ROOM),
-                    ssl=self.stack.ssl_context(),
-                    origin=self.stack.origin,
-                    open_timeout=10,
-                    max_size=None,
-                )
-            )
+            try:
+                self.ws = self.held.enter_context(self._connect())
+            except TimeoutError:
+                # Seen once in a full CI-like run: one handshake among dozens of rapid
+                # reconnects got no answer for 10 s (cause not found; reported in the closing
+                # note). One retry is allowed and counted; a second stall fails the test.
+                self.count("handshake retried")
+                assert self.outcomes["handshake retried"] <= 1, "repeated handshake stalls"
+                self.ws = self.held.enter_context(self._connect())
             self.sent_on_this = 0
         return self.ws
+
+    def _connect(self) -> ClientConnection:
+        return connect(
+            self.stack.ws_url + room_path(ROOM),
+            ssl=self.stack.ssl_context(),
+            origin=self.stack.origin,
+            open_timeout=10,
+            max_size=None,
+        )
 
     def count(self, outcome: str) -> None:
         self.outcomes[outcome] = self.outcomes.get(outcome, 0) + 1
