@@ -8,11 +8,11 @@ from typing import Any
 
 from django.conf import settings
 
+from channel_layer.membership import keeper
 from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
 from realtime import jsonframes
 from realtime.consumers import GroupMemberConsumer
 from realtime.identity import process_id
-from realtime.membership import keeper
 from realtime.ratelimit import TokenBucket
 
 logger = logging.getLogger("chat")

@@ -15,10 +15,10 @@ Two more options come from the fault tests (tests/faults/):
 
 * A command that finds its pooled connection dead -- Redis restarted, the socket is stale --
   reconnects and retries (``retry``) instead of failing once per pooled connection.
-* The ``redis`` backend is ``realtime.layers.RedisChannelLayer``: channels-redis with a pool that
-  closes what a burst opened (REDIS_MAX_IDLE_CONNECTIONS) instead of keeping it forever.
+* The ``redis`` backend is ``channel_layer.redis_core.RedisChannelLayer``: channels-redis with a
+  pool that closes what a burst opened (REDIS_MAX_IDLE_CONNECTIONS) instead of keeping it forever.
 
-The ``fanout`` backend is ``realtime.fanout_layer.FanoutChannelLayer`` (Redis pub/sub, groups
+The ``fanout`` backend is ``channel_layer.layer.FanoutChannelLayer`` (Redis pub/sub, groups
 held per process, one decode per process, counted drops): see that module and
 loadtests/README.md for what it buys.
 """
@@ -37,10 +37,10 @@ from config import env
 LAYER_BLOCKING_POP_SECONDS = 5
 
 BACKENDS = {
-    "redis": "realtime.layers.RedisChannelLayer",
+    "redis": "channel_layer.redis_core.RedisChannelLayer",
     "pubsub": "channels_redis.pubsub.RedisPubSubChannelLayer",
     "memory": "channels.layers.InMemoryChannelLayer",
-    "fanout": "realtime.fanout_layer.FanoutChannelLayer",
+    "fanout": "channel_layer.layer.FanoutChannelLayer",
 }
 
 

@@ -106,7 +106,7 @@ SETTINGS: tuple[Setting, ...] = (
         "fanout",
         DJANGO,
         "`fanout` (Redis pub/sub, groups kept per process, one decode per process, counted "
-        "drops: `realtime/fanout_layer.py`), `redis` (channels-redis), `pubsub` "
+        "drops: `channel_layer/`), `redis` (channels-redis), `pubsub` "
         "(channels-redis pub/sub) or `memory` (single process only: tests).",
     ),
     Setting(

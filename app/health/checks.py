@@ -55,7 +55,7 @@ async def _layer_round_trip() -> str:
 
 
 def layer_details() -> dict[str, int] | None:
-    """The channel layer's own counters, when it keeps any (``realtime.fanout_layer`` does:
+    """The channel layer's own counters, when it keeps any (``channel_layer.layer`` does:
     messages published, delivered, dropped, reconnects...), for ``/readyz``."""
     layer = get_channel_layer()
     stats = getattr(layer, "stats", None)

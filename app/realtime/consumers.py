@@ -12,9 +12,10 @@ It adds what every long-lived group member needs:
 * **A channel-layer outage is survived, not fatal** (tests/faults/test_redis_restart.py).
   Channels lets an exception from the layer's ``receive`` end the consumer, so a Redis restart
   closed every socket abnormally with a traceback each. Here the receive is retried with backoff
-  while the socket stays open; senders get ``unavailable`` errors meanwhile; ``realtime.membership``
-  restores the group memberships Redis lost; a connect that cannot join its group is refused
-  with ``unavailable`` and close code 1013 (try again later) instead of an HTTP 500.
+  while the socket stays open; senders get ``unavailable`` errors meanwhile;
+  ``channel_layer.membership`` restores the group memberships Redis lost; a connect that cannot
+  join its group is refused with ``unavailable`` and close code 1013 (try again later) instead
+  of an HTTP 500.
 * **A cheaper dispatch loop** (measured by loadtests, see loadtests/README.md): no thread hop to
   close stale database connections before handlers that never touch the database
   (:data:`DB_EVENTS`), no new task per message (:func:`dispatch_serially`), and
@@ -38,8 +39,8 @@ from channels.generic.websocket import AsyncWebsocketConsumer
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from channel_layer.membership import keeper
 from realtime import jsonframes
-from realtime.membership import keeper
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -171,7 +172,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
                     raise asyncio.CancelledError from exc
                 if not isinstance(exc, LAYER_CONNECTION_ERRORS):
                     raise
-                # Redis unreachable: realtime.membership logs the outage.
+                # Redis unreachable: channel_layer.membership logs the outage.
                 logger.debug("channel layer receive failed (%s); retrying", type(exc).__name__)
                 keeper.poke()
                 jitter = random.uniform(0.5, 1.5)  # noqa: S311 (not cryptographic)
@@ -197,7 +198,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             raise LayerUnavailable(type(exc).__name__) from exc
         self.joined.append(group)
         # Only layers that keep memberships in Redis, with an expiry, need them renewed and
-        # restored after a Redis restart (realtime.fanout_layer keeps them in the process and
+        # restored after a Redis restart (channel_layer.layer keeps them in the process and
         # re-subscribes by itself): no renewal task and no keeper entry per socket otherwise.
         if getattr(self.channel_layer, "group_expiry", None):
             keeper.add(self)
@@ -211,7 +212,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             for group in self.joined:
                 try:
                     await self.channel_layer.group_add(group, self.channel_name)
-                except Exception as exc:  # realtime.membership restores it when Redis is back
+                except Exception as exc:  # channel_layer.membership restores it when Redis is back
                     logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 No worker dies, and afterwards Redis ``connected_clients`` and the workers' open file descriptors
 come back to where they were: channels-redis' pool used to keep every connection a burst opened
-(1,740 Redis connections left behind by this very test; see realtime/layers.py).
+(1,740 Redis connections left behind by this very test; see channel_layer/redis_core.py).
 
 The clients come from 20 loopback addresses (127.0.0.10-29), 100 each, as 2,000 users would:
 nginx's per-IP handshake limit (20/s, burst 200) is tested on its own in tests/security.

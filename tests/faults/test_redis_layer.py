@@ -1,7 +1,7 @@
 """The ``redis`` channel layer's own fixes, against a real redis-server (no stack needed).
 
 The stack's default layer is ``fanout``; these keep ``CHANNEL_LAYER=redis`` (channels-redis,
-``realtime.layers``) honest: its pool gives back what a burst opened, a cancelled receive
+``channel_layer.redis_core``) honest: its pool gives back what a burst opened, a cancelled receive
 stops, and group memberships come back after Redis restarts empty.
 """
 
@@ -21,9 +21,9 @@ from pathlib import Path
 import pytest
 import redis
 
+from channel_layer.membership import MembershipKeeper
+from channel_layer.redis_core import RedisChannelLayer
 from config.channel_layers import redis_connection_options
-from realtime.layers import RedisChannelLayer
-from realtime.membership import MembershipKeeper
 from tests.harness import free_port_block
 
 
@@ -113,7 +113,7 @@ async def test_a_burst_leaves_no_idle_connections_behind(redis_process: RedisPro
 
 async def test_a_cancelled_receive_stops(redis_process: RedisProcess) -> None:
     """Two receivers cancelled at once, many times: none keeps blocking in BZPOPMIN (Python
-    3.11's wait_for can drop the cancellation inside redis-py; realtime/layers.py)."""
+    3.11's wait_for can drop the cancellation inside redis-py; channel_layer/redis_core.py)."""
     layer = layer_for(redis_process)
     for _ in range(40):
         names = [await layer.new_channel() for _ in range(2)]

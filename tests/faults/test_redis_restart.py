@@ -3,7 +3,7 @@
 While it is down: every replica's /readyz says 503, senders get ``unavailable`` errors, sockets
 stay open, no worker restarts. Within 10 s of Redis answering again /readyz is 200 and delivery
 to the sockets that were open all along resumes by itself -- which needs the group memberships
-Redis forgot (it keeps nothing on disk) to be restored (realtime/membership.py).
+Redis forgot (it keeps nothing on disk) to be restored (channel_layer/membership.py).
 """
 
 from __future__ import annotations

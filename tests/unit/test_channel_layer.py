@@ -1,4 +1,4 @@
-"""realtime.fanout_layer against a real redis-server: two layer objects stand for two processes."""
+"""channel_layer against a real redis-server: two layer objects stand for two processes."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from realtime import fanout_layer
-from realtime.fanout_layer import FanoutChannelLayer, RedisUnavailable
+from channel_layer import layer as fanout_layer
+from channel_layer import stats as layer_stats
+from channel_layer.layer import FanoutChannelLayer
+from channel_layer.transport import RedisUnavailable
 from tests.redis_server import redis_server
 
 
@@ -68,16 +70,16 @@ async def test_a_consumer_that_falls_behind_loses_its_oldest_messages_counted_an
     a, b = layers
     cb = await b.new_channel()
     await b.group_add("slow", cb)
-    dropped_before = fanout_layer.STATS.dropped
+    dropped_before = layer_stats.STATS.dropped
     b._drops_logged_at = -1e9  # this test wants the warning whatever logged before
     with caplog.at_level(logging.WARNING, logger="switchboard.layer"):
         for n in range(8):
             await a.group_send("slow", {"type": "m", "n": n})
         await asyncio.sleep(0.3)
-    assert fanout_layer.STATS.dropped - dropped_before == 3
+    assert layer_stats.STATS.dropped - dropped_before == 3
     assert "dropped" in caplog.text
     assert [(await receive(b, cb))["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
-    assert b.stats()["dropped"] == fanout_layer.STATS.dropped
+    assert b.stats()["dropped"] == layer_stats.STATS.dropped
 
 
 async def test_abandoned_mailboxes_are_swept(layers) -> None:
@@ -98,12 +100,12 @@ async def test_redis_outage_refuses_publishes_then_recovers(tmp_path: Path) -> N
         channel = await layer.new_channel()
         await layer.group_add("g", channel)
         state = layer._state()
-        reconnects = fanout_layer.STATS.reconnects
+        reconnects = layer_stats.STATS.reconnects
         # Break both connections, as a Redis restart does.
         state.subscriber.close()
         state.publisher and state.publisher.close()
         await asyncio.sleep(0.05)
-        assert fanout_layer.STATS.reconnects == reconnects + 1
+        assert layer_stats.STATS.reconnects == reconnects + 1
         with pytest.raises(RedisUnavailable):  # while re-subscribing: refused, not lost
             await layer.group_send("g", {"type": "m"})
         await asyncio.sleep(fanout_layer.RECONNECT_MAX + fanout_layer.RECOVERY_GRACE + 0.2)

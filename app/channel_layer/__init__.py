@@ -1,0 +1,13 @@
+"""The channel layers Switchboard runs on: one place for everything between consumers and Redis.
+
+=================  ===========================================================================
+``layer``          the default layer (``CHANNEL_LAYER=fanout``): Redis pub/sub, groups kept per
+                   process, one decode per process, bounded mailboxes with counted drops
+``transport``      its Redis connections: hand-written RESP2 parsed by hiredis (the hot path)
+``stats``          its per-process counters (``/readyz``)
+``redis_core``     ``CHANNEL_LAYER=redis``: channels-redis' core layer with a bounded idle pool
+``membership``     restores channels-redis group memberships after a Redis restart
+=================  ===========================================================================
+
+The consumer side (the base consumer, rate limits, Origin checks, JSON frames) is ``realtime``.
+"""
