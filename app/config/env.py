@@ -155,6 +155,13 @@ SETTINGS: tuple[Setting, ...] = (
         "connection is closed with 1008.",
     ),
     Setting(
+        "NOTIFICATIONS_REPLAY_MAX",
+        "1000",
+        DJANGO,
+        "Stored notifications replayed on one `/ws/notifications/?since=` connect (in pages of "
+        "100); past it a `replay.more` frame says where to resume.",
+    ),
+    Setting(
         "REPLICA_NAME",
         "",
         DJANGO,

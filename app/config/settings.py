@@ -55,6 +55,8 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "config.urls"
+# JSON endpoints answer a failed CSRF check in JSON too (config.json_views).
+CSRF_FAILURE_VIEW = "config.json_views.csrf_failure"
 ASGI_APPLICATION = "config.asgi.application"
 
 TEMPLATES = [
@@ -128,6 +130,7 @@ CHAT_MAX_MESSAGE_CHARS = env.get_int("CHAT_MAX_MESSAGE_CHARS", minimum=1)
 CHAT_RATE_PER_SECOND = env.get_float("CHAT_RATE_PER_SECOND", minimum=0.001)
 CHAT_RATE_BURST = env.get_int("CHAT_RATE_BURST", minimum=1)
 CHAT_FLOOD_CLOSE_AFTER = env.get_int("CHAT_FLOOD_CLOSE_AFTER", minimum=1)
+NOTIFICATIONS_REPLAY_MAX = env.get_int("NOTIFICATIONS_REPLAY_MAX", minimum=1)
 REPLICA_NAME = env.get("REPLICA_NAME")
 
 # -- HTTPS behind nginx -------------------------------------------------------------------------

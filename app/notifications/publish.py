@@ -10,10 +10,15 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
+import redis.exceptions
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
 from realtime.identity import process_id
+
+#: What a push raises when the channel layer (Redis) is unreachable: the default layer's
+#: ``RedisUnavailable`` is a ``ConnectionError`` (an ``OSError``); channels-redis raises redis-py's.
+PUSH_ERRORS = (OSError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
 
 
 def user_group(user_id: int) -> str:

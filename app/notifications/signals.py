@@ -9,7 +9,7 @@ from django.db.models.signals import post_save
 from django.dispatch import receiver
 
 from notifications.models import Notification
-from notifications.publish import end_session, notify_user
+from notifications.publish import PUSH_ERRORS, end_session, notify_user
 
 logger = logging.getLogger("notifications")
 
@@ -20,16 +20,26 @@ def push_new_notification(sender: type, instance: Notification, created: bool, *
         return
 
     def push() -> None:
-        notify_user(
-            instance.user_id,
-            instance.message,
-            notification_type=instance.kind,
-            data={"notification_id": instance.pk, "source": "post_save"},
-        )
+        try:
+            notify_user(
+                instance.user_id,
+                instance.message,
+                notification_type=instance.kind,
+                data={"notification_id": instance.pk, "source": "post_save"},
+            )
+        except PUSH_ERRORS as exc:
+            # The row is stored: the user's sockets get it by replay (?since=) on reconnect.
+            instance.push_deferred = True
+            logger.warning(
+                "notification %s stored, push deferred to replay: channel layer unavailable (%s)",
+                instance.pk,
+                exc,
+            )
 
     # After commit: a rolled-back row must not be announced, and a client that reacts by
-    # fetching /notifications/ must find it.
-    transaction.on_commit(push)
+    # fetching /notifications/ must find it. robust: whatever else goes wrong in the push, the
+    # commit (and the request that made it) has succeeded; the error is logged.
+    transaction.on_commit(push, robust=True)
 
 
 @receiver(user_logged_out)
