@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from typing import Any
@@ -9,7 +10,15 @@ from typing import Any
 from django.conf import settings
 
 from channel_layer.membership import keeper
-from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
+from chat import presence
+from chat.protocol import (
+    ErrorCode,
+    PresenceQuery,
+    ProtocolError,
+    is_valid_room,
+    parse_client_frame,
+    room_group,
+)
 from realtime import jsonframes
 from realtime.consumers import GroupMemberConsumer
 from realtime.identity import process_id
@@ -38,14 +47,52 @@ class ChatConsumer(GroupMemberConsumer):
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.refused_in_a_row = 0
         self.flood_closed = False
+        self.presence_events = False  # join/leave events, once the client asked for presence
         self.group = room_group(self.room)
         await self.join(self.group)
         await self.accept()
         logger.info("connect %s room=%s user=%s", self.client, self.room, self.username)
+        try:
+            change = await presence.enter(self.room, self.username, self.channel_name)
+        except Exception as exc:  # best effort: the next refresh writes the entry
+            logger.warning("presence enter failed for room=%s (%s)", self.room, type(exc).__name__)
+        else:
+            if change.user_connections == 1 and change.announce():
+                await self._announce("presence.join")
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
             logger.info("disconnect %s room=%s code=%s", self.client, self.room, code)
+            change = await presence.leave(self.room, self.username, self.channel_name)
+            if change is not None and change.user_connections == 0 and change.announce():
+                await self._announce("presence.leave")
+
+    async def _announce(self, kind: str) -> None:
+        """Tell the room that this user came or went (best effort: presence is not chat)."""
+        with contextlib.suppress(Exception):
+            await self.channel_layer.group_send(
+                self.group, {"type": kind, "user": self.username, "room": self.room}
+            )
+
+    async def presence_join(self, event: dict[str, Any]) -> None:
+        # Only to sockets that asked for presence: older clients (the tutorials' among them)
+        # read every frame as a chat message.
+        if self.presence_events:
+            await self.send_frame(_presence_frame(event))
+
+    presence_leave = presence_join
+
+    async def _answer_presence(self) -> None:
+        self.presence_events = True
+        try:
+            present = await presence.who(self.room)
+        except Exception as exc:
+            logger.info("presence refused for room=%s (%s)", self.room, type(exc).__name__)
+            await self.send_error(
+                ErrorCode.UNAVAILABLE, "Presence is unavailable right now; ask again shortly."
+            )
+            return
+        await self.send_frame(jsonframes.dumps({"type": "presence", "room": self.room, **present}))
 
     async def receive(self, text_data: str | None = None, bytes_data: bytes | None = None) -> None:
         if getattr(self, "group", None) is None or self.flood_closed:
@@ -64,6 +111,9 @@ class ChatConsumer(GroupMemberConsumer):
             incoming = parse_client_frame(text_data, max_chars=settings.CHAT_MAX_MESSAGE_CHARS)
         except ProtocolError as error:
             await self.send_error(error.code, error.detail)
+            return
+        if isinstance(incoming, PresenceQuery):
+            await self._answer_presence()
             return
         event: dict[str, Any] = {
             "type": "chat.message",
@@ -133,3 +183,7 @@ def encoded_frame(event: dict[str, Any]) -> str:
             del _FRAMES[next(iter(_FRAMES))]
         _FRAMES[event["id"]] = text
     return text
+
+
+def _presence_frame(event: dict[str, Any]) -> str:
+    return jsonframes.dumps({"type": event["type"], "user": event["user"], "room": event["room"]})

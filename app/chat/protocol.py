@@ -1,6 +1,7 @@
 """The wire protocol of ``/ws/chat/<room>/``: parsing client frames and naming errors.
 
-Clients send ``{"message": "<text>", "ref": "<optional, echoed back>"}``. Anything else is
+Clients send ``{"message": "<text>", "ref": "<optional, echoed back>"}``, or
+``{"type": "presence"}`` to ask who is in the room. Anything else is
 answered with ``{"type": "error", "code": <one of ErrorCode>, "detail": <text>}`` and the
 connection stays open. The codes are part of the public protocol: never rename one.
 """
@@ -44,6 +45,11 @@ class ChatMessage:
     ref: str | None
 
 
+@dataclass(frozen=True)
+class PresenceQuery:
+    """``{"type": "presence"}``: who is in the room."""
+
+
 def is_valid_room(name: str) -> bool:
     return ROOM_NAME.fullmatch(name) is not None
 
@@ -58,13 +64,15 @@ def room_group(room: str) -> str:
     return f"chat.{room}"
 
 
-def parse_client_frame(text: str, *, max_chars: int) -> ChatMessage:
+def parse_client_frame(text: str, *, max_chars: int) -> ChatMessage | PresenceQuery:
     try:
         data = jsonframes.loads(text)
     except ValueError:
         raise ProtocolError(ErrorCode.INVALID_JSON, "The frame is not valid JSON.") from None
     if not isinstance(data, dict):
         raise ProtocolError(ErrorCode.NOT_AN_OBJECT, 'Send a JSON object: {"message": "..."}.')
+    if data.get("type") == "presence":
+        return PresenceQuery()
     if "message" not in data:
         raise ProtocolError(ErrorCode.MISSING_MESSAGE, 'The object has no "message" field.')
     message = data["message"]

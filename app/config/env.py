@@ -155,6 +155,26 @@ SETTINGS: tuple[Setting, ...] = (
         "connection is closed with 1008.",
     ),
     Setting(
+        "PRESENCE_TTL",
+        "30",
+        DJANGO,
+        "Seconds a chat socket stays in its room's presence without a refresh (workers refresh "
+        "every third of it): how long a crashed worker's sockets are still listed.",
+    ),
+    Setting(
+        "PRESENCE_EVENTS",
+        "true",
+        DJANGO,
+        "Send `presence.join` / `presence.leave` to rooms (per user: first socket in, last out).",
+    ),
+    Setting(
+        "PRESENCE_EVENTS_MAX_MEMBERS",
+        "100",
+        DJANGO,
+        "Rooms with more sockets than this get no join/leave events (no storms in big rooms); "
+        "`presence` requests still work.",
+    ),
+    Setting(
         "NOTIFICATIONS_REPLAY_MAX",
         "1000",
         DJANGO,

@@ -131,6 +131,9 @@ CHAT_RATE_PER_SECOND = env.get_float("CHAT_RATE_PER_SECOND", minimum=0.001)
 CHAT_RATE_BURST = env.get_int("CHAT_RATE_BURST", minimum=1)
 CHAT_FLOOD_CLOSE_AFTER = env.get_int("CHAT_FLOOD_CLOSE_AFTER", minimum=1)
 NOTIFICATIONS_REPLAY_MAX = env.get_int("NOTIFICATIONS_REPLAY_MAX", minimum=1)
+PRESENCE_TTL = env.get_float("PRESENCE_TTL", minimum=1)
+PRESENCE_EVENTS = env.get_bool("PRESENCE_EVENTS")
+PRESENCE_EVENTS_MAX_MEMBERS = env.get_int("PRESENCE_EVENTS_MAX_MEMBERS", minimum=0)
 REPLICA_NAME = env.get("REPLICA_NAME")
 
 # -- HTTPS behind nginx -------------------------------------------------------------------------

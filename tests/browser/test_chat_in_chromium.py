@@ -3,7 +3,8 @@
 The stack's own CA is trusted by public-key pin (``--ignore-certificate-errors-spki-list`` with
 the SPKI hashes of the CA and the server certificate; without it the same page fails with a
 certificate error, checked first). Both users log in through the login form and open one room;
-a message typed in one page appears in the other with the process that delivered it. Then the
+both pages show the two of them as present; a message typed in one page appears in the other
+with the process that delivered it. Then the
 worker one page is connected to is killed: the page shows it is reconnecting, comes back, and
 both pages keep talking. Screenshots are kept in ``artifacts/browser/``; the assertions are on
 the DOM.
@@ -126,6 +127,10 @@ def test_two_users_chat_and_survive_their_worker_dying(
         stack.create_user(name)
     SHOTS.mkdir(parents=True, exist_ok=True)
     ada, grace = open_chat_as(browser, stack, "ada"), open_chat_as(browser, stack, "grace")
+    # Both pages show who is here (ada's page learns of grace through presence.join).
+    for page in (ada, grace):
+        expect(page.locator("#presence-count")).to_have_text("2", timeout=15000)
+        expect(page.locator("#presence-users")).to_have_text("ada, grace")
 
     say(ada, "hello from ada")
     seen_by_grace = message(grace, "hello from ada")

@@ -6,7 +6,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
+from chat.protocol import (
+    ErrorCode,
+    PresenceQuery,
+    ProtocolError,
+    is_valid_room,
+    parse_client_frame,
+    room_group,
+)
 
 
 def test_a_seed_client_frame_parses() -> None:
@@ -48,3 +55,12 @@ def test_invalid_rooms(name: str) -> None:
 def test_distinct_rooms_have_distinct_groups() -> None:
     assert room_group("a-b") != room_group("a_b")
     assert room_group("lobby") == "chat.lobby"
+
+
+def test_a_presence_request_is_its_own_frame_and_old_frames_are_unchanged() -> None:
+    assert parse_client_frame('{"type": "presence"}', max_chars=10) == PresenceQuery()
+    # "type" with any other value is not a request: the frame is read as before.
+    assert parse_client_frame('{"type": "x", "message": "hi"}', max_chars=10).text == "hi"
+    with pytest.raises(ProtocolError) as raised:
+        parse_client_frame('{"type": "presences"}', max_chars=10)
+    assert raised.value.code == ErrorCode.MISSING_MESSAGE

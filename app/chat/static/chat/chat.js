@@ -7,9 +7,14 @@
   const status = document.getElementById("status");
   const form = document.getElementById("composer");
   const input = document.getElementById("message");
+  const presenceCount = document.getElementById("presence-count");
+  const presenceUsers = document.getElementById("presence-users");
   const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
   const url = scheme + window.location.host + "/ws/chat/" + encodeURIComponent(room) + "/";
 
+  // Presence is asked for on connect, whenever someone comes or goes, and every 30 s (a user
+  // whose server crashed sends no presence.leave: the server forgets them within PRESENCE_TTL).
+  const PRESENCE_REFRESH_MS = 30000;
   const BASE_DELAY_MS = 500;
   const MAX_DELAY_MS = 15000;
   let socket = null;
@@ -45,8 +50,21 @@
       item.dataset.id = data.id;
       item.dataset.deliveredBy = data.delivered_by;
       item.dataset.sentBy = data.sent_by;
+    } else if (data.type === "presence") {
+      presenceCount.textContent = String(data.count);
+      presenceUsers.textContent = data.users
+        .map((u) => (u.connections > 1 ? u.user + " ×" + u.connections : u.user))
+        .join(", ");
+    } else if (data.type === "presence.join" || data.type === "presence.leave") {
+      askPresence();
     } else if (data.type === "error") {
       append("error", [["code", data.code], ["text", data.detail]]);
+    }
+  }
+
+  function askPresence() {
+    if (socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ type: "presence" }));
     }
   }
 
@@ -64,6 +82,7 @@
     socket.addEventListener("open", function () {
       attempt = 0;
       setStatus("open", "connected");
+      askPresence();
     });
     socket.addEventListener("message", function (event) {
       try {
@@ -94,5 +113,6 @@
     input.value = "";
   });
 
+  window.setInterval(askPresence, PRESENCE_REFRESH_MS);
   connect();
 })();
