@@ -9,7 +9,14 @@ from typing import Any
 from django.conf import settings
 
 from channel_layer.membership import keeper
-from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
+from chat.protocol import (
+    EVENT_SCHEMAS,
+    ErrorCode,
+    ProtocolError,
+    is_valid_room,
+    parse_client_frame,
+    room_group,
+)
 from realtime import jsonframes
 from realtime.consumers import GroupMemberConsumer
 from realtime.identity import process_id
@@ -24,6 +31,8 @@ CLOSE_POLICY_VIOLATION = 1008
 
 
 class ChatConsumer(GroupMemberConsumer):
+    event_schemas = EVENT_SCHEMAS
+
     async def connect(self) -> None:
         self.room = self.scope["url_route"]["kwargs"]["room"]
         if not is_valid_room(self.room):
