@@ -32,9 +32,6 @@ accesslog = None  # nginx logs requests; message bodies are never logged
 errorlog = "-"
 loglevel = "info"
 proc_name = "switchboard"
-# gunicorn >= 25 opens a control socket at $HOME/.gunicorn/gunicorn.ctl: every replica on one
-# host would fight over that one path. supervisord (or the orchestrator) manages the processes.
-control_socket_disable = True
 # gunicorn >= 25 opens a control socket at one fixed path per user ($HOME/.gunicorn/gunicorn.ctl):
 # every replica on the host would fight over it, and anything running as this user could resize
 # or stop the replica through it. supervisord and signals manage replicas; gunicorn < 25 ignores

@@ -12,8 +12,23 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
 
 :class:`LeanWebSocketsProtocol` swaps the first two for minimal equivalents (same methods, same
 semantics for the single consumer uvicorn has) and lets go of the handshake objects once the
-connection is accepted or refused. Everything else is uvicorn's own code. The worker uses it
-when ``WS_PROTOCOL`` is ``lean`` (the default; ``websockets-sansio`` is the plain one).
+connection is accepted or refused.
+
+It also finishes the closing handshake after a frame over ``WS_MAX_MESSAGE_BYTES``. uvicorn
+sends close 1009 as soon as it has read the frame's header and closes the TCP connection at
+once, while the client is still sending the rest of the frame. A socket closed with unread data
+answers with a TCP reset; behind nginx that reset reached nginx before (or instead of) the close
+frame, nginx reset the client in turn, and the client saw no close code (1 try in 7 at 200 KiB,
+1 in 2 at 2 MiB; straight to a replica it was 1009 every time). Here the socket stays open after
+the close frame: the rest of the refused frame is read and thrown away (never stored), then the
+frames after it, until the client's own close frame; then the server closes, with nothing left
+unread, and the client has its 1009. A client that stops sending is closed after uvicorn's
+``close_timeout`` (10 s) as before.
+
+Everything else is uvicorn's own code. The worker uses it when ``WS_PROTOCOL`` is ``lean`` (the
+default; ``websockets-sansio`` is the plain one). It relies on uvicorn and websockets internals:
+``pyproject.toml`` pins the versions it was checked against, and
+``tests/unit/test_uvicorn_ws.py`` fails with a clear message when those internals change.
 """
 
 from __future__ import annotations
@@ -22,6 +37,12 @@ import asyncio
 from typing import Any
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.exceptions import PayloadTooBig
+from websockets.frames import CloseCode, Opcode
+from websockets.server import ServerProtocol
+
+#: A client frame's mask key follows its length field (RFC 6455, 5.2).
+MASK_BYTES = 4
 
 
 class LeanQueue:
@@ -94,12 +115,82 @@ class LeanEvent:
         return True
 
 
+class ServerProtocolKeepingUnparsedBytes(ServerProtocol):
+    """websockets' server protocol, keeping what it had not parsed yet when it failed the
+    connection (it throws that away): after an oversize frame's header, the start of the rest of
+    that frame and possibly the frames behind it."""
+
+    unparsed_at_failure = b""
+
+    def fail(self, code: int, reason: str = "") -> None:
+        self.unparsed_at_failure = bytes(self.reader.buffer)
+        super().fail(code, reason)
+
+
+class RefusedFrameDrain:
+    """What a client still sends after its frame was refused as too big: the rest of that frame
+    (``skip`` bytes), then whole frames, up to and including its close frame.
+
+    Only frame headers are looked at (RFC 6455, 5.2); payloads are counted off, not stored
+    (websockets' own frame parser would keep each one in memory).
+    """
+
+    __slots__ = ("pending", "skip")
+
+    def __init__(self, skip: int) -> None:
+        self.skip = skip
+        self.pending = bytearray()
+
+    def feed(self, data: bytes) -> bool:
+        """Consume ``data``; ``True`` once the client's close frame has been read in full."""
+        if self.skip >= len(data):
+            self.skip -= len(data)
+            return False
+        self.pending += memoryview(data)[self.skip :]
+        self.skip = 0
+        while True:
+            header = _frame_header(self.pending)
+            if header is None:
+                return False
+            opcode, header_length, payload_length = header
+            frame_length = header_length + payload_length
+            if opcode == Opcode.CLOSE:
+                return len(self.pending) >= frame_length
+            consumed = min(frame_length, len(self.pending))
+            del self.pending[:consumed]
+            if consumed < frame_length:
+                self.skip = frame_length - consumed
+                return False
+
+
+def _frame_header(data: bytearray) -> tuple[int, int, int] | None:
+    """``(opcode, header length, payload length)`` of the frame ``data`` starts with, or
+    ``None`` while its header is incomplete."""
+    if len(data) < 2:
+        return None
+    length, header_length = data[1] & 0x7F, 2
+    if length >= 126:
+        size = 2 if length == 126 else 8
+        if len(data) < 2 + size:
+            return None
+        length, header_length = int.from_bytes(data[2 : 2 + size], "big"), 2 + size
+    if data[1] & 0x80:
+        header_length += MASK_BYTES
+    return data[0] & 0x0F, header_length, length
+
+
 class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sansio websocket protocol with :class:`LeanQueue`, :class:`LeanEvent` and the
-    handshake objects released once the handshake is over (see the module docstring)."""
+    handshake objects released once the handshake is over, and a closing handshake that reads
+    the rest of a refused oversize frame (see the module docstring)."""
+
+    #: Set while the rest of a refused oversize frame is read (per instance only then).
+    refused_frame: RefusedFrameDrain | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # Same object, one method more (see ServerProtocolKeepingUnparsedBytes): no state added.
+        self.conn.__class__ = ServerProtocolKeepingUnparsedBytes
         self.queue = LeanQueue()  # type: ignore[assignment]
         writable = LeanEvent()
         if self.writable.is_set():
@@ -115,3 +206,44 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
             # The handshake is answered: the request and response are read no more.
             self.request = None  # type: ignore[assignment]
             self.response = None  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        drain = self.refused_frame
+        if drain is None:
+            super().data_received(data)
+        elif drain.feed(data):
+            # The client's close frame: the closing handshake is complete, nothing is unread.
+            self.refused_frame = None
+            if self.close_timer is not None:
+                self.close_timer.cancel()
+                self.close_timer = None
+            self.transport.close()
+
+    def handle_parser_exception(self) -> None:
+        failure = self.conn.parser_exc
+        too_big = isinstance(failure, PayloadTooBig) and failure.size is not None
+        # With a compression extension the size may be the decompressed one: uvicorn's way.
+        if not too_big or self.conn.extensions or self.conn.close_sent is None:
+            super().handle_parser_exception()
+            return
+        assert self.conn.close_sent.code == CloseCode.MESSAGE_TOO_BIG
+        self.queue.put_nowait(
+            {
+                "type": "websocket.disconnect",
+                "code": self.conn.close_sent.code,
+                "reason": self.conn.close_sent.reason,
+            }
+        )
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        # Not transport.close(): read the rest of the frame, then the client's close frame.
+        self.refused_frame = drain = RefusedFrameDrain(MASK_BYTES + failure.size)
+        unparsed, self.conn.unparsed_at_failure = self.conn.unparsed_at_failure, b""
+        if drain.feed(unparsed):
+            self.transport.close()
+            return
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        # run_asgi closes the transport when the app ends unless this timer is set.
+        self.close_timer = self.loop.call_later(self.close_timeout, self.transport.close)

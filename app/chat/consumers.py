@@ -12,6 +12,7 @@ from django.conf import settings
 from channel_layer.membership import keeper
 from chat import presence
 from chat.protocol import (
+    EVENT_SCHEMAS,
     ErrorCode,
     PresenceQuery,
     ProtocolError,
@@ -33,6 +34,8 @@ CLOSE_POLICY_VIOLATION = 1008
 
 
 class ChatConsumer(GroupMemberConsumer):
+    event_schemas = EVENT_SCHEMAS
+
     async def connect(self) -> None:
         self.room = self.scope["url_route"]["kwargs"]["room"]
         if not is_valid_room(self.room):

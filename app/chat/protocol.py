@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from realtime import jsonframes
+from realtime.events import EventSchema
 
 ROOM_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_REF_CHARS = 64
@@ -30,6 +31,20 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_ROOM = "invalid_room"
     UNAVAILABLE = "unavailable"
+
+
+#: The internal events a chat consumer handles, and what each must carry: a ``chat.message``
+#: group event becomes the frame of the public protocol above (the README's "Receiving").
+#: Anyone may send one (a view, a task, another service); one that does not match is dropped
+#: by the consumer and logged, never delivered half-formed nor allowed to close the room.
+EVENT_SCHEMAS = {
+    "chat.message": EventSchema(
+        required={"id": str, "message": str, "user": str, "room": str, "sent_by": str},
+        optional={"ref": str},
+    ),
+    "presence.join": EventSchema(required={"user": str, "room": str}),
+    "presence.leave": EventSchema(required={"user": str, "room": str}),
+}
 
 
 class ProtocolError(Exception):

@@ -2,12 +2,20 @@
 
 It adds what every long-lived group member needs:
 
-* **Group renewal.** channels-redis forgets a membership after ``group_expiry`` seconds
-  (default one day) and then silently stops delivering to that socket. Members re-add
-  themselves at half that period.
-* **Unknown events are logged, not fatal.** Channels raises ``ValueError`` for an event type
-  with no handler, which kills the connection; code elsewhere (a view, a signal, another
-  release) must not be able to disconnect clients by sending a new event type.
+* **Group renewal, where the layer needs it.** The default layer (``channel_layer``) keeps
+  memberships in the worker process for as long as the socket lives. channels-redis
+  (``CHANNEL_LAYER=redis``) forgets a membership after ``group_expiry`` seconds (default one
+  day) and then silently stops delivering to that socket: with it, members re-add themselves at
+  half that period.
+* **Unknown or malformed events are logged, not fatal.** Channels raises ``ValueError`` for an
+  event type with no handler, which kills the connection; code elsewhere (a view, a signal,
+  another release) must not be able to disconnect clients by sending a new event type. Events
+  a consumer declares in :attr:`~GroupMemberConsumer.event_schemas` are checked against their
+  schema (``realtime.events``) before the handler runs: a malformed one is dropped and logged,
+  not handed to a handler whose ``KeyError`` would close every socket of the group.
+* **Nothing is left behind.** However a consumer ends -- a disconnect, or an exception -- it
+  leaves its groups and the layer forgets its channel; a crashed consumer no longer stays a
+  group member whose mailbox fills up to capacity.
 * **Errors to the client** as ``{"type": "error", "code": ..., "detail": ...}``.
 * **A channel-layer outage is survived, not fatal** (tests/faults/test_redis_restart.py).
   Channels lets an exception from the layer's ``receive`` end the consumer, so a Redis restart
@@ -30,8 +38,8 @@ import contextlib
 import functools
 import logging
 import random
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, ClassVar
 
 import redis.exceptions
 from channels.exceptions import StopConsumer
@@ -41,6 +49,7 @@ from django.conf import settings
 
 from channel_layer.membership import keeper
 from realtime import jsonframes
+from realtime.events import DROPPED_EVENTS, EventSchema
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -108,11 +117,39 @@ async def dispatch_serially(
                 await task
 
 
+async def forget_channel(layer: Any, channel: str) -> int:
+    """Let ``layer`` forget ``channel``, which nobody will read again; the number of messages
+    still waiting in it, which are dropped.
+
+    A channel layer forgets a consumer's channel when the consumer's receive is cancelled while
+    the channel is in no group and holds nothing (``channel_layer.layer``; channels-redis drops
+    its receive buffer then, and expires what Redis holds). Waiting messages are read first, at
+    most ``capacity`` of them.
+    """
+    dropped = 0
+    for _ in range(getattr(layer, "capacity", 100) + 1):
+        receiving = asyncio.ensure_future(layer.receive(channel))
+        await asyncio.sleep(0)  # one step: a waiting message is returned without suspending
+        if not receiving.done():
+            receiving.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await receiving
+            break
+        if receiving.exception() is not None:
+            break
+        dropped += 1
+    return dropped
+
+
 class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
 
 class GroupMemberConsumer(AsyncWebsocketConsumer):
+    #: Internal event type -> the fields its handler relies on (``realtime.events``). An event
+    #: of a listed type that does not match is dropped (and logged) before any handler runs.
+    event_schemas: ClassVar[Mapping[str, EventSchema]] = {}
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
@@ -134,8 +171,34 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         real_send = getattr(wrapper, "real_send", None)
         saves_on = getattr(wrapper, "save_message_types", ("websocket.send",))
         self._frame_send = real_send if real_send and "websocket.send" not in saves_on else send
-        with contextlib.suppress(StopConsumer):
+        ended_by_disconnect = False
+        try:
             await dispatch_serially([receive, self.channel_receive], self.dispatch)
+        except StopConsumer:
+            ended_by_disconnect = True  # websocket_disconnect left the groups
+        finally:
+            if not ended_by_disconnect:
+                await self._leave_after_failure()
+
+    async def _leave_after_failure(self) -> None:
+        """What a disconnect does, for a consumer ended by an exception (or cancelled): leave
+        every group, then let the layer forget the channel. Best effort: errors are logged."""
+        keeper.discard(self)
+        if self._renewal is not None:
+            self._renewal.cancel()
+        try:
+            for group in self.joined:
+                await self.channel_layer.group_discard(group, self.channel_name)
+            self.joined.clear()
+            dropped = await forget_channel(self.channel_layer, self.channel_name)
+        except Exception as exc:  # Redis down: its memberships expire, the process's are gone
+            logger.warning("ended consumer %s: cleanup failed (%s)", self.client, exc)
+            return
+        logger.info(
+            "ended consumer %s: left its groups; %d undelivered message(s) dropped",
+            self.client,
+            dropped,
+        )
 
     async def send_frame(self, text: str) -> None:
         """Send one text frame: ``self.send(text_data=text)`` without the wrappers' overhead."""
@@ -231,11 +294,21 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         raise StopConsumer()
 
     async def dispatch(self, message: dict[str, Any]) -> None:
-        handler_name = message.get("type", "").replace(".", "_")
-        if not handler_name.startswith("websocket_") and not hasattr(self, handler_name):
-            logger.warning("ignored event of unknown type %r", message.get("type"))
+        kind = message.get("type")
+        if not isinstance(kind, str):
+            DROPPED_EVENTS.drop(f"<{type(kind).__name__}>", "no string 'type'")
             return
-        if message["type"] in DB_EVENTS:
+        handler_name = kind.replace(".", "_")
+        if not handler_name.startswith("websocket_") and not hasattr(self, handler_name):
+            logger.warning("ignored event of unknown type %r", kind)
+            return
+        schema = self.event_schemas.get(kind)
+        if schema is not None:
+            problem = schema.problem(message)
+            if problem is not None:
+                DROPPED_EVENTS.drop(kind, problem)
+                return
+        if kind in DB_EVENTS:
             await super().dispatch(message)  # closes stale DB connections first (a thread hop)
         else:
             await getattr(self, handler_name)(message)

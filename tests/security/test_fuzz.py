@@ -136,15 +136,7 @@ class Fuzzer:
     def socket(self) -> ClientConnection:
         if self.ws is None or self.sent_on_this >= FRAMES_PER_CONNECTION:
             self.held.close()
-            try:
-                self.ws = self.held.enter_context(self._connect())
-            except TimeoutError:
-                # Seen once in a full CI-like run: one handshake among dozens of rapid
-                # reconnects got no answer for 10 s (cause not found; reported in the closing
-                # note). One retry is allowed and counted; a second stall fails the test.
-                self.count("handshake retried")
-                assert self.outcomes["handshake retried"] <= 1, "repeated handshake stalls"
-                self.ws = self.held.enter_context(self._connect())
+            self.ws = self.held.enter_context(self._connect())
             self.sent_on_this = 0
         return self.ws
 
@@ -205,14 +197,7 @@ def test_every_frame_gets_an_error_or_a_clean_close(
         code = closed.rcvd.code if closed.rcvd is not None else None
         fuzzer.count(f"close {code}")
         too_big = kind == "text" and len(payload.encode()) > MAX_FRAME
-        # Over the limit the app closes at once with 1009. Through nginx the close frame can be
-        # lost to a TCP reset while the client is still sending the rest of the frame (the
-        # connection is closed either way; README.md, "Guarantees and failure modes"): counted,
-        # not failed.
-        assert (code, kind) == (1007, "bad-utf8") or (code in {1009, None} and too_big), (
-            code,
-            kind,
-        )
+        assert (code, kind) == (1007, "bad-utf8") or (code == 1009 and too_big), (code, kind)
         return
     assert kind != "bad-utf8", "invalid UTF-8 in a text frame must close the connection (1007)"
     if kind == "text":
@@ -240,8 +225,6 @@ def test_the_room_was_unaffected_and_nothing_went_unhandled(
     # The fuzzer met every kind of answer, so the property test above exercised them all.
     assert fuzzer.outcomes.get("delivered", 0) > 0
     assert fuzzer.outcomes.get("close 1009", 0) > 0 and fuzzer.outcomes.get("close 1007", 0) > 0
-    # The reset race above is the exception, not the rule.
-    assert fuzzer.outcomes.get("close None", 0) <= fuzzer.outcomes["close 1009"]
     for code in (
         "invalid_json",
         "not_an_object",

@@ -11,8 +11,9 @@ from channels.testing import WebsocketCommunicator
 from django.test import override_settings
 
 from chat.routing import websocket_urlpatterns
+from tests.unit.layer_probe import group_members_in_redis
 
-pytestmark = pytest.mark.usefixtures("redis_layer")
+pytestmark = pytest.mark.usefixtures("layer_on_redis")
 
 app = URLRouter(websocket_urlpatterns)
 
@@ -150,13 +151,12 @@ async def test_event_of_unknown_type_is_ignored_not_fatal() -> None:
     await communicator.disconnect()
 
 
-async def test_disconnect_leaves_the_group() -> None:
+async def test_disconnect_leaves_the_group(redis_url: str) -> None:
     communicator = await joined("leave")
     layer = get_channel_layer()
+    assert await group_members_in_redis(layer, redis_url, "chat.leave") == 1
     await communicator.disconnect()
-    # channels-redis keeps groups in a sorted set: after leaving, the group is empty.
-    connection = layer.connection(layer.consistent_hash("chat.leave"))
-    assert await connection.zcard(layer._group_key("chat.leave")) == 0
+    assert await group_members_in_redis(layer, redis_url, "chat.leave") == 0
 
 
 async def test_unknown_websocket_path_is_refused_with_a_reason() -> None:
