@@ -231,13 +231,8 @@ class _Shard:
                     while not connection.lost.done():
                         await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
                         state.sweep()
-                        if not connection.lost.done():
-                            self._pong = loop.create_future()
-                            connection.write("PING")
-                            try:
-                                await asyncio.wait_for(self._pong, connection_timeout(state))
-                            except TimeoutError:
-                                connection.close()
+                        if not connection.lost.done() and not await self.ping():
+                            connection.close()
                     raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
                 except asyncio.CancelledError:
                     raise
@@ -268,6 +263,20 @@ class _Shard:
                 self.connection = None
             if state.shards.get(self.node) is self and not self.channels:
                 del state.shards[self.node]
+
+    async def ping(self) -> bool:
+        """PING the subscription connection: ``False`` when no answer came within the socket
+        timeout (a dead peer: a half-open TCP connection never reports itself)."""
+        connection = self.connection
+        if connection is None or not connection.is_open:
+            return False
+        self._pong = self.state.loop.create_future()
+        connection.write("PING")
+        try:
+            await asyncio.wait_for(self._pong, self.state.layer.address.timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def _on_push(self, reply: Any) -> None:
         if isinstance(reply, hiredis.ReplyError):
@@ -324,10 +333,6 @@ class _Shard:
         while self._moved:
             moved, self._moved = self._moved, set()
             await self.state.rehome(self, moved, force=True)
-
-
-def connection_timeout(state: _LoopState) -> float:
-    return state.layer.address.timeout
 
 
 class _LoopState:
@@ -481,6 +486,8 @@ class _LoopState:
                 node = self.topology.node_for(self.process_channel)
                 shard = self.home[self.process_channel] = self._shard(node)
                 shard.add(self.process_channel)
+        if self.ready.is_set():
+            return  # (Python 3.11's wait_for would swallow a cancellation of a done wait)
         try:
             await asyncio.wait_for(self.ready.wait(), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
