@@ -1,0 +1,196 @@
+"""The native stack (3 replicas x 2 workers, nginx/TLS) on a real 6-node Redis Cluster.
+
+One cluster and one stack for the module. First, the end-to-end cross-process fan-out of
+tests/e2e/test_cross_process_delivery.py, in rooms whose group channels land on each of the 3
+masters. Then the failover: the master owning a busy room's slot is SIGKILLed during traffic;
+its replica is promoted, subscriptions move, delivery resumes within 10 s, and every message
+that did not reach everyone was either refused to its sender (``unavailable``) or counted and
+logged as lost by the layer. Figures: ``artifacts/faults/cluster_failover.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Iterator
+
+import pytest
+import redis
+from redis.crc import key_slot
+
+from channel_layer.layer import FanoutChannelLayer
+from chat.protocol import room_group
+from config import env
+from infra.redis_topologies import LocalCluster
+from tests.faults.tools import (
+    ChatClient,
+    locate,
+    log_offsets,
+    lost_logged,
+    record_figures,
+    start_clients,
+    unhandled_errors,
+    wait_until,
+)
+from tests.harness import (
+    CLIENTS,
+    MESSAGES_PER_CLIENT,
+    RunningStack,
+    replica_of,
+    room_fanout,
+    started,
+)
+from tests.redis_topologies import cluster_fixture
+
+pytestmark = pytest.mark.e2e
+
+cluster = cluster_fixture()
+
+RESUME_LIMIT = 10.0
+PER_SECOND = 8  # below the per-connection rate limit
+FAILOVER_CLIENTS = 6
+
+
+@pytest.fixture(scope="module")
+def cluster_stack(
+    cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningStack]:
+    with started(
+        tmp_path_factory.mktemp("cluster-stack"),
+        replicas=3,
+        workers=2,
+        REDIS_TOPOLOGY="cluster",
+        REDIS_URL=cluster.url,
+    ) as running:
+        yield running
+
+
+def room_owners(cluster: LocalCluster, count_per_master: int = 1) -> dict[int, list[str]]:
+    """Chat rooms whose group channel lands on each master: ``{master port: [room, ...]}``."""
+    naming = FanoutChannelLayer(hosts=[{"address": cluster.url}], prefix=env.get("CHANNEL_PREFIX"))
+    owners: dict[int, list[str]] = {port: [] for port in cluster.master_ports()}
+    for n in range(10_000):
+        room = f"shard-room-{n}"
+        port = cluster.owner_of(key_slot(naming.group_channel(room_group(room))))
+        if len(owners[port]) < count_per_master:
+            owners[port].append(room)
+        if all(len(rooms) >= count_per_master for rooms in owners.values()):
+            return owners
+    raise AssertionError("no room found for every master")
+
+
+async def test_cross_process_fanout_in_rooms_on_every_shard(
+    cluster_stack: RunningStack, cluster: LocalCluster
+) -> None:
+    owners = room_owners(cluster)
+    assert len(owners) == 3
+    rooms = [rooms[0] for rooms in owners.values()]
+    results = await asyncio.gather(*(room_fanout(cluster_stack, room) for room in rooms))
+    processes: set[str] = set()
+    pairs: Counter[tuple[str, str]] = Counter()
+    for room, result in zip(rooms, results, strict=True):
+        for index, frames in enumerate(result["received"]):
+            assert len(frames) == result["expected"], f"{room}: client {index} got {len(frames)}"
+            assert len({frame["id"] for frame in frames}) == result["expected"]
+            assert {frame["room"] for frame in frames} == {room}
+            processes |= {frame["delivered_by"] for frame in frames}
+            pairs.update((frame["sent_by"], frame["delivered_by"]) for frame in frames)
+    replicas = {replica_of(p) for p in processes}
+    assert len(processes) >= 3 and len(replicas) >= 2, processes
+    assert any(replica_of(s) != replica_of(d) for s, d in pairs)
+    print(
+        f"\nCluster fan-out: {len(rooms)} rooms on {len(owners)} masters, {CLIENTS} clients "
+        f"each on {len(processes)} processes in {len(replicas)} replicas, "
+        f"{CLIENTS * MESSAGES_PER_CLIENT} messages per room, all delivered"
+    )
+
+
+async def test_master_sigkill_during_traffic(
+    cluster_stack: RunningStack, cluster: LocalCluster
+) -> None:
+    stack = cluster_stack
+    master = cluster.master_ports()[0]
+    room = room_owners(cluster)[master][0]
+    offsets = log_offsets(stack)
+    clients = await start_clients(stack, room, FAILOVER_CLIENTS)
+    sender = ChatClient(stack, room, name="sender")
+    await sender.start()
+    sent: list[tuple[float, str]] = []
+    stop_sending = asyncio.Event()
+
+    async def traffic() -> None:
+        for n in range(int(60 * PER_SECOND)):
+            if stop_sending.is_set():
+                return
+            ref = f"cf-{n}"
+            await sender.send(f"message {n}", ref)
+            sent.append((time.monotonic(), ref))
+            await asyncio.sleep(1 / PER_SECOND)
+
+    flow = asyncio.create_task(traffic())
+    try:
+        where = await locate([*clients, sender], probe=sender)
+        await asyncio.sleep(1.0)
+        killed_at = time.monotonic()
+        cluster.kill(master)
+
+        def promoted() -> bool:
+            with contextlib.suppress(redis.RedisError, StopIteration):
+                return master not in cluster.master_ports()
+            return False
+
+        await asyncio.to_thread(wait_until, promoted, 30)
+        promoted_at = time.monotonic()
+        # Delivery resumed: the first message sent after the kill that reached every client.
+        resumed_at = None
+        while time.monotonic() - killed_at < RESUME_LIMIT + 5 and resumed_at is None:
+            await asyncio.sleep(0.2)
+            for at, ref in sent:
+                if at > killed_at and all(ref in c.refs for c in clients):
+                    resumed_at = max(c.arrived_at[ref] for c in clients)
+                    break
+        await asyncio.sleep(2.0)
+        stop_sending.set()
+        await flow
+        last = sent[-1][1]
+        await asyncio.gather(*(c.wait_for_ref(last, timeout=RESUME_LIMIT) for c in clients))
+        await asyncio.sleep(0.5)
+
+        refs = [ref for _, ref in sent]
+        everywhere = {r for r in refs if all(r in c.refs for c in clients)}
+        not_everywhere = set(refs) - everywhere
+        unavailable = sender.errors("unavailable")
+        lost = lost_logged(stack, offsets)
+        assert resumed_at is not None, "delivery did not resume"
+        assert resumed_at - killed_at < RESUME_LIMIT
+        # Every message that did not reach every client was refused to its sender or counted
+        # (and logged) as lost by the processes that missed it: none silently.
+        assert len(not_everywhere) <= len(unavailable) + lost, (
+            sorted(not_everywhere),
+            len(unavailable),
+            lost,
+        )
+        assert all(not c.closes for c in [*clients, sender]), "sockets must ride it out"
+        assert unhandled_errors(stack, offsets) == []
+        record_figures(
+            "cluster_failover",
+            {
+                "clients": FAILOVER_CLIENTS,
+                "processes": len(set(where.values())),
+                "replica_promoted_after_kill_s": round(promoted_at - killed_at, 3),
+                "delivery_resumed_after_kill_s": round(resumed_at - killed_at, 3),
+                "messages_sent": len(refs),
+                "messages_delivered_to_all": len(everywhere),
+                "unavailable_errors_to_sender": len(unavailable),
+                "messages_lost_counted_and_logged": lost,
+                "messages_silently_lost": max(0, len(not_everywhere) - len(unavailable) - lost),
+                "sockets_closed": 0,
+            },
+        )
+    finally:
+        stop_sending.set()
+        with contextlib.suppress(Exception):
+            await flow
+        await asyncio.gather(*(c.stop() for c in [*clients, sender]))
