@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -24,16 +23,8 @@ from channel_layer.layer import FanoutChannelLayer
 from chat.protocol import room_group
 from config import env
 from infra.redis_topologies import LocalCluster
-from tests.faults.tools import (
-    ChatClient,
-    locate,
-    log_offsets,
-    lost_logged,
-    record_figures,
-    start_clients,
-    unhandled_errors,
-    wait_until,
-)
+from tests.faults.failover import RESUME_LIMIT, failover_during_traffic
+from tests.faults.tools import record_figures, wait_until
 from tests.harness import (
     CLIENTS,
     MESSAGES_PER_CLIENT,
@@ -47,10 +38,6 @@ from tests.redis_topologies import cluster_fixture
 pytestmark = pytest.mark.e2e
 
 cluster = cluster_fixture()
-
-RESUME_LIMIT = 10.0
-PER_SECOND = 8  # below the per-connection rate limit
-FAILOVER_CLIENTS = 6
 
 
 @pytest.fixture(scope="module")
@@ -110,87 +97,25 @@ async def test_cross_process_fanout_in_rooms_on_every_shard(
 async def test_master_sigkill_during_traffic(
     cluster_stack: RunningStack, cluster: LocalCluster
 ) -> None:
-    stack = cluster_stack
     master = cluster.master_ports()[0]
     room = room_owners(cluster)[master][0]
-    offsets = log_offsets(stack)
-    clients = await start_clients(stack, room, FAILOVER_CLIENTS)
-    sender = ChatClient(stack, room, name="sender")
-    await sender.start()
-    sent: list[tuple[float, str]] = []
-    stop_sending = asyncio.Event()
 
-    async def traffic() -> None:
-        for n in range(int(60 * PER_SECOND)):
-            if stop_sending.is_set():
-                return
-            ref = f"cf-{n}"
-            await sender.send(f"message {n}", ref)
-            sent.append((time.monotonic(), ref))
-            await asyncio.sleep(1 / PER_SECOND)
+    def promoted() -> bool:
+        with contextlib.suppress(redis.RedisError, StopIteration):
+            return master not in cluster.master_ports()
+        return False
 
-    flow = asyncio.create_task(traffic())
-    try:
-        where = await locate([*clients, sender], probe=sender)
-        await asyncio.sleep(1.0)
-        killed_at = time.monotonic()
-        cluster.kill(master)
-
-        def promoted() -> bool:
-            with contextlib.suppress(redis.RedisError, StopIteration):
-                return master not in cluster.master_ports()
-            return False
-
-        await asyncio.to_thread(wait_until, promoted, 30)
-        promoted_at = time.monotonic()
-        # Delivery resumed: the first message sent after the kill that reached every client.
-        resumed_at = None
-        while time.monotonic() - killed_at < RESUME_LIMIT + 5 and resumed_at is None:
-            await asyncio.sleep(0.2)
-            for at, ref in sent:
-                if at > killed_at and all(ref in c.refs for c in clients):
-                    resumed_at = max(c.arrived_at[ref] for c in clients)
-                    break
-        await asyncio.sleep(2.0)
-        stop_sending.set()
-        await flow
-        last = sent[-1][1]
-        await asyncio.gather(*(c.wait_for_ref(last, timeout=RESUME_LIMIT) for c in clients))
-        await asyncio.sleep(0.5)
-
-        refs = [ref for _, ref in sent]
-        everywhere = {r for r in refs if all(r in c.refs for c in clients)}
-        not_everywhere = set(refs) - everywhere
-        unavailable = sender.errors("unavailable")
-        lost = lost_logged(stack, offsets)
-        assert resumed_at is not None, "delivery did not resume"
-        assert resumed_at - killed_at < RESUME_LIMIT
-        # Every message that did not reach every client was refused to its sender or counted
-        # (and logged) as lost by the processes that missed it: none silently.
-        assert len(not_everywhere) <= len(unavailable) + lost, (
-            sorted(not_everywhere),
-            len(unavailable),
-            lost,
-        )
-        assert all(not c.closes for c in [*clients, sender]), "sockets must ride it out"
-        assert unhandled_errors(stack, offsets) == []
-        record_figures(
-            "cluster_failover",
-            {
-                "clients": FAILOVER_CLIENTS,
-                "processes": len(set(where.values())),
-                "replica_promoted_after_kill_s": round(promoted_at - killed_at, 3),
-                "delivery_resumed_after_kill_s": round(resumed_at - killed_at, 3),
-                "messages_sent": len(refs),
-                "messages_delivered_to_all": len(everywhere),
-                "unavailable_errors_to_sender": len(unavailable),
-                "messages_lost_counted_and_logged": lost,
-                "messages_silently_lost": max(0, len(not_everywhere) - len(unavailable) - lost),
-                "sockets_closed": 0,
-            },
-        )
-    finally:
-        stop_sending.set()
-        with contextlib.suppress(Exception):
-            await flow
-        await asyncio.gather(*(c.stop() for c in [*clients, sender]))
+    result = await failover_during_traffic(
+        cluster_stack,
+        room,
+        kill=lambda: cluster.kill(master),
+        wait_promotion=lambda: wait_until(promoted, 30),
+    )
+    figures = result["figures"]
+    record_figures("cluster_failover", figures)
+    assert result["resumed_at"] is not None, "delivery did not resume"
+    assert result["resumed_at"] - result["killed_at"] < RESUME_LIMIT
+    assert figures["messages_silently_lost"] == 0, figures
+    assert figures["unavailable_errors_to_sender"] > 0  # the dead master's sends were refused
+    assert result["closes"] == 0, "sockets must ride it out"
+    assert result["unhandled_errors"] == []
