@@ -230,7 +230,8 @@ class _Shard:
                         down_since, delay = None, RECONNECT_FIRST
                     while not connection.lost.done():
                         await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
-                        state.sweep()
+                        if state.process_channel in self.channels:
+                            state.sweep()  # once per interval and process, from one shard
                         if not connection.lost.done() and not await self.ping():
                             connection.close()
                     raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
