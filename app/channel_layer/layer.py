@@ -19,9 +19,18 @@ public pieces (``channels_redis.utils.decode_hosts`` for the host formats, the
 * **One subscription per process, not per consumer.** Channel names are
   ``specific.<process token>!<id>``; ``send()`` publishes to the owning process's Redis channel
   with the name in front, and that process routes it to the mailbox.
-* **Two plain RESP connections per process and event loop**, parsed by hiredis: one subscribed,
-  one for PUBLISH. Publishes issued in the same event-loop turn leave in one write; replies are
-  matched in order (pipelining without a lock).
+* **Two plain RESP connections per Redis node a process needs** (per event loop), parsed by
+  hiredis (``channel_layer.transport``): one subscribed, one for publishing. Publishes issued in
+  the same event-loop turn leave in one write; replies are matched in order (pipelining without
+  a lock). One server or a Sentinel master is one node; on a Redis Cluster
+  (``channel_layer.topology``) each channel lives on the master owning its slot, with
+  ``SSUBSCRIBE`` / ``SPUBLISH`` (sharded pub/sub): a process holds one subscription connection
+  per shard it needs, never one per group or per socket.
+* **Channel names isolate deployments and spread groups.** ``<prefix>:<db>:g:{<group>}``,
+  ``<prefix>:<db>:c:{<name>}``, ``<prefix>:<db>:p:{<process token>}``: pub/sub ignores database
+  numbers, so the number is in the name (two deployments sharing one Redis never see each
+  other's messages), and the braces are the cluster hash tag (a group is one slot; groups
+  spread over the shards).
 * **Bounded mailboxes, counted drops.** A consumer that falls ``capacity`` messages behind (its
   client does not read) loses its *oldest* message; every drop is counted, logged as a warning
   (at most every ``DROP_LOG_SECONDS``, with the count) and shown in ``/readyz`` under
@@ -35,6 +44,13 @@ deliver twice): the error reaches the caller, whose client is told to send again
 (``unavailable``). For ``RECOVERY_GRACE`` after its subscriptions are restored, a process
 refuses to publish, so that nothing is published while other processes are still re-subscribing
 (it would reach nobody, silently).
+
+**Failover and slot migration** (Sentinel, Cluster) are followed without help: a lost node, a
+``MOVED`` reply or the server's ``sunsubscribe`` push (its slot moved) make the subscriber ask
+the topology again and subscribe on the new owner; a publish answered ``MOVED`` was not executed
+and is sent once more to the new owner, after the same grace. **Nothing is lost silently:**
+every message carries ``<publisher token> <sequence number>`` per channel in front of its
+payload, and a receiver that sees a gap counts the missing messages (``lost``) and logs them.
 
 ``REDIS_URL`` may be ``redis://``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none`` and
 ``?ssl_ca_certs=<file>`` are honoured) or ``unix://``.
