@@ -96,6 +96,7 @@ class SentinelTopology(Topology):
         if address.tls is not None:
             options["ssl"] = True
             options["ssl_cert_reqs"] = address.tls.verify_mode
+            options["ssl_ca_certs"] = address.tls_ca_file
         self.sentinel = Sentinel(list(sentinels), sentinel_kwargs=options)
 
     async def address(self, node: Node) -> RedisAddress:
@@ -144,6 +145,7 @@ class ClusterTopology(Topology):
             options["ssl"] = True
             options["ssl_cert_reqs"] = address.tls.verify_mode
             options["ssl_check_hostname"] = address.tls.check_hostname
+            options["ssl_ca_certs"] = address.tls_ca_file
         self.cluster = RedisCluster(**options)
         self._started = False
         self._refreshing: asyncio.Future[None] | None = None

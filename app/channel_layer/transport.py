@@ -49,6 +49,7 @@ class RedisAddress:
     username: str | None = None
     password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls: ssl.SSLContext | None = None
+    tls_ca_file: str | None = None  # what ``tls`` trusts, for the topology's library clients
     connect_timeout: float = 5.0
     timeout: float = 15.0
     db: int = 0  # pub/sub ignores it; the layer puts it in its channel names (isolation)
@@ -90,7 +91,13 @@ class RedisAddress:
             if query.get("ssl_cert_reqs", "required").lower() in {"none", "cert_none"}:
                 tls.check_hostname = False
                 tls.verify_mode = ssl.CERT_NONE
-        return cls(host=url.hostname or "localhost", port=url.port or 6379, tls=tls, **common)
+        return cls(
+            host=url.hostname or "localhost",
+            port=url.port or 6379,
+            tls=tls,
+            tls_ca_file=query.get("ssl_ca_certs"),
+            **common,
+        )
 
 
 def reply_error(reply: hiredis.ReplyError) -> RedisUnavailable:
