@@ -215,7 +215,8 @@ class _Shard:
         try:
             while self.channels:
                 try:
-                    connection = await state.open_connection(self.node, self._on_push)
+                    address = await state.topology.address(self.node)
+                    connection = await state.open_connection(self.node, self._on_push, address)
                     self.connection = connection
                     self.down = False
                     self.subscribed.clear()
@@ -250,6 +251,8 @@ class _Shard:
                             state.sweep()  # once per interval and process, from one shard
                         if not connection.lost.done() and not await self.ping():
                             connection.close()
+                        if not connection.lost.done() and await state.master_moved(address):
+                            connection.close()  # a demoted master: follow Sentinel's new one
                     raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
                 except asyncio.CancelledError:
                     raise
@@ -371,6 +374,7 @@ class _LoopState:
         self.publishers: dict[Node, RespConnection] = {}
         self.publisher_locks: dict[Node, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.watchdogs: dict[Node, asyncio.Task[None]] = {}
+        self.connect_failed_at: dict[Node, float] = {}
         self.ready = asyncio.Event()
         self.started = False
         self.sent_seq: dict[bytes, int] = {}  # channel -> last sequence number published
@@ -381,9 +385,13 @@ class _LoopState:
 
     # -- connections -----------------------------------------------------------------------------
     async def open_connection(
-        self, node: Node, on_push: Callable[[Any], None] | None = None
+        self,
+        node: Node,
+        on_push: Callable[[Any], None] | None = None,
+        address: RedisAddress | None = None,
     ) -> RespConnection:
-        address = await self.topology.address(node)
+        if address is None:
+            address = await self.topology.address(node)
         connection = await RespConnection.open(address, on_push)
         if isinstance(self.topology, SentinelTopology):
             # Sentinel may still name a master that was just demoted (or not yet promoted).
@@ -397,11 +405,38 @@ class _LoopState:
                 raise RedisUnavailable(f"{address.host}:{address.port} is not a master (yet)")
         return connection
 
+    async def master_moved(self, connected_to: RedisAddress) -> bool:
+        """Sentinel: whether the master is elsewhere now than ``connected_to`` (a master that
+        was demoted while this process stayed connected keeps answering, as a replica). The
+        publishing connection is closed too, so that the next publish goes to the new one."""
+        if not isinstance(self.topology, SentinelTopology):
+            return False
+        try:
+            now = await self.topology.address(PRIMARY)
+        except RedisUnavailable:
+            return False  # the sentinels are unreachable: keep what works
+        if (now.host, now.port) == (connected_to.host, connected_to.port):
+            return False
+        publisher = self.publishers.get(PRIMARY)
+        if publisher is not None:
+            publisher.close()
+        return True
+
     async def _publisher(self, node: Node) -> RespConnection:
+        loop = self.loop
         async with self.publisher_locks[node]:
             connection = self.publishers.get(node)
             if connection is None or not connection.is_open:
-                connection = self.publishers[node] = await self.open_connection(node)
+                # Publishes queued behind a failed connect fail at once instead of each waiting
+                # out connect_timeout in turn (a dead host does not refuse: it is silent).
+                if loop.time() - self.connect_failed_at.get(node, float("-inf")) < RECONNECT_MAX:
+                    raise RedisUnavailable(f"{self.topology.describe(node)} is unreachable")
+                try:
+                    connection = self.publishers[node] = await self.open_connection(node)
+                except (RedisUnavailable, OSError):
+                    self.connect_failed_at[node] = loop.time()
+                    raise
+                self.connect_failed_at.pop(node, None)
                 old = self.watchdogs.get(node)
                 if old is not None:
                     old.cancel()
