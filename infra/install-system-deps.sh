@@ -3,8 +3,9 @@
 # Usage: infra/install-system-deps.sh [extra-package ...]
 set -o errexit -o nounset -o pipefail
 
-packages=(redis-server nginx openssl ca-certificates "$@")
-commands=(redis-server nginx openssl)
+# redis-tools: redis-cli, which creates the test clusters (`--cluster create`).
+packages=(redis-server redis-tools nginx openssl ca-certificates "$@")
+commands=(redis-server redis-cli nginx openssl)
 
 missing=()
 for cmd in "${commands[@]}"; do

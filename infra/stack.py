@@ -1,5 +1,9 @@
 """The native stack: redis-server, N gunicorn replicas and nginx, under supervisord.
 
+With REDIS_TOPOLOGY=cluster or sentinel the stack starts no redis-server of its own: REDIS_URL
+(and REDIS_SENTINELS) point at the cluster or Sentinel set, e.g. one started by
+``python -m infra.redis_topologies cluster`` (the tests use the same module).
+
     python -m infra.stack run      # foreground; Ctrl-C stops everything      (make run)
     python -m infra.stack start    # background; returns once every replica is ready (make start)
     python -m infra.stack stop     # stops a background stack                  (make stop)
@@ -121,6 +125,11 @@ class Stack:
             redis_port=env.get_int("SWITCHBOARD_REDIS_PORT", minimum=1, environ=environ),
             environ=environ,
         )
+
+    @property
+    def own_redis(self) -> bool:
+        """Whether the stack runs its own redis-server (REDIS_TOPOLOGY=single)."""
+        return env.get("REDIS_TOPOLOGY", self.environ) == "single"
 
     # -- paths ---------------------------------------------------------------------------------
     @property
@@ -273,13 +282,16 @@ class Stack:
             "[rpcinterface:supervisor]\n"
             "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n",
             f"[supervisorctl]\nserverurl=unix://{self.run_dir / 'supervisor.sock'}\n",
-            self._program(
-                "redis",
-                f"{_system_binary('redis-server')} {self.run_dir / 'redis' / 'redis.conf'}",
-                foreground=foreground,
-                priority="10",
-            ),
         ]
+        if self.own_redis:
+            sections.append(
+                self._program(
+                    "redis",
+                    f"{_system_binary('redis-server')} {self.run_dir / 'redis' / 'redis.conf'}",
+                    foreground=foreground,
+                    priority="10",
+                )
+            )
         for index, port in enumerate(self.app_ports, start=1):
             sections.append(self.app_program(index, port, foreground=foreground))
         sections.append(
@@ -317,7 +329,10 @@ class Stack:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(exist_ok=True)
         ensure_certificates(self.tls_dir)
-        self._write_redis_conf()
+        if self.own_redis:
+            self._write_redis_conf()
+        elif "REDIS_URL" not in self.environ:
+            raise SystemExit("REDIS_TOPOLOGY is not `single`: set REDIS_URL (and REDIS_SENTINELS)")
         self._write_nginx()
         self._write_supervisor_conf(foreground=foreground)
         self.prepare_app()
@@ -434,10 +449,12 @@ class Stack:
         raise SystemExit(f"stack not ready within {timeout} s (waiting for {urls}).\n{logs}")
 
     def _banner(self) -> None:
+        topology = env.get("REDIS_TOPOLOGY", self.environ)
+        redis = f"redis on {self.redis_port}" if self.own_redis else f"Redis {topology}"
         print(
             f"\nSwitchboard: {self.base_url}/chat/lobby/   "
             f"({self.replicas} replicas on ports {self.app_ports[0]}-{self.app_ports[-1]}, "
-            f"redis on {self.redis_port}, http://localhost:{self.http_port} redirects)\n"
+            f"{redis}, http://localhost:{self.http_port} redirects)\n"
             f"Trust the local CA to verify TLS: {self.ca_file}\n"
             f"Add a user: make createsuperuser\n",
             flush=True,

@@ -226,12 +226,22 @@ def _headline(scenario: str, run: TargetRun, stepped: bool = False) -> dict[str,
         }
     p = representative(scenario, run, stepped)
     if p is None:
-        return {"deliveries/s": math.nan, "p99 ms": math.nan, "app us/delivery": math.nan}
+        return {
+            "deliveries/s": math.nan,
+            "p99 ms": math.nan,
+            "app us/delivery": math.nan,
+            "nginx us/delivery": math.nan,
+            "redis us/delivery": math.nan,
+            "redis us/message": math.nan,
+        }
     label = "knee deliveries/s" if scenario == "knee" or stepped else "deliveries/s"
     return {
         label: p.account.deliveries_per_s,
         "p99 ms": p.account.latency["p99"],
         "app us/delivery": p.app_cpu_us_per_delivery,
+        "nginx us/delivery": p.cpu_us_per_delivery("nginx"),
+        "redis us/delivery": p.cpu_us_per_delivery("redis"),
+        "redis us/message": p.redis_cpu_us_per_message,
     }
 
 

@@ -83,8 +83,22 @@ class PhaseResult:
 
     @property
     def app_cpu_us_per_delivery(self) -> float:
+        return self.cpu_us_per_delivery("app")
+
+    def cpu_us_per_delivery(self, role: str) -> float:
+        """CPU of the ``role`` processes (app, nginx, redis) per message received."""
         received = self.account.received
-        return self.server_cpu_s.get("app", 0.0) / received * 1e6 if received else math.nan
+        if not received or role not in self.server_cpu_s:
+            return math.nan
+        return self.server_cpu_s[role] / received * 1e6
+
+    @property
+    def redis_cpu_us_per_message(self) -> float:
+        """Redis CPU per chat message sent (each is one publish): the capacity model's input."""
+        sent = self.account.sent
+        if not sent or "redis" not in self.server_cpu_s:
+            return math.nan
+        return self.server_cpu_s["redis"] / sent * 1e6
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -100,6 +114,9 @@ class PhaseResult:
             "client_cores": self.client_cpu_s / self.wall_s if self.wall_s else None,
             "server_cpu_s": self.server_cpu_s,
             "app_cpu_us_per_delivery": self.app_cpu_us_per_delivery,
+            "nginx_cpu_us_per_delivery": self.cpu_us_per_delivery("nginx"),
+            "redis_cpu_us_per_delivery": self.cpu_us_per_delivery("redis"),
+            "redis_cpu_us_per_message": self.redis_cpu_us_per_message,
             "wall_s": self.wall_s,
             "late_frames": self.late,
             "closed_by_server": self.closed_by_server,

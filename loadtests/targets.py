@@ -15,7 +15,11 @@
 
   A name takes settings after a colon: ``switchboard:CHANNEL_LAYER=pubsub,WEB_CONCURRENCY=1``;
   ``replicas=N`` sets the number of app processes (replicas for Switchboard) and ``label=...``
-  the name shown in the report.
+  the name shown in the report. ``switchboard:REDIS_TOPOLOGY=cluster`` runs the stack on a
+  6-node Redis Cluster of its own (3 masters + 3 replicas, ``infra.redis_topologies``), and
+  ``REDIS_TOPOLOGY=sentinel`` on a master, a replica and 3 sentinels; Redis CPU is then the
+  sum over all their processes. ``checkout=<dir>`` runs the app of another checkout (the
+  code before a change) with this virtualenv, nginx and Redis.
 
 Only loopback addresses are ever targets: anything else is refused before a socket is opened.
 """
@@ -33,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from infra.redis_topologies import LocalCluster, LocalSentinelSet
 from infra.stack import BIN, ROOT, Stack, isolated_environ
 from loadtests.client import Endpoint
 
@@ -113,6 +118,20 @@ class NoDjangoStack(Stack):
         """Nothing to migrate or collect."""
 
 
+class CheckoutStack(Stack):
+    """Switchboard's app from another checkout of this repository (``checkout=<dir>``, e.g.
+    ``git archive <commit> | tar -x -C <dir>``), run with this virtualenv, nginx and Redis: a
+    change and the code before it measured in one run."""
+
+    checkout: Path = ROOT
+
+    def app_program(self, index: int, port: int, *, foreground: bool) -> str:
+        section = super().app_program(index, port, foreground=foreground)
+        return section.replace(str(ROOT / "infra"), str(self.checkout / "infra")).replace(
+            f"directory={ROOT / 'app'}", f"directory={self.checkout / 'app'}"
+        )
+
+
 #: name -> (Stack class, app processes by default, what it is)
 MANAGED = {
     "switchboard": (Stack, 3, "this stack: gunicorn/uvicorn replicas, Channels, Redis layer"),
@@ -132,6 +151,8 @@ class Target:
     managed: bool = False
     workers_per_replica: int = 1
     settings: dict[str, str] = field(default_factory=dict)
+    #: A Redis Cluster or Sentinel set started for this target (REDIS_TOPOLOGY=...).
+    redis_topology: LocalCluster | LocalSentinelSet | None = None
 
     @property
     def expected_processes(self) -> int | None:
@@ -163,16 +184,34 @@ class Target:
         redis = self._program_pid("redis")
         if redis is not None:
             found["redis"] = [redis]
+        if self.redis_topology is not None:
+            found["redis"] = [
+                server.process.pid
+                for server in self.redis_topology.servers.values()
+                if server.alive and server.process is not None
+            ]
         return found
 
     # -- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
         if self.managed and self.stack is not None:
-            self.stack.start(timeout=120)
+            if self.redis_topology is not None:
+                self.redis_topology.start()
+                self.stack.environ["REDIS_URL"] = self.redis_topology.url
+                if isinstance(self.redis_topology, LocalSentinelSet):
+                    self.stack.environ["REDIS_SENTINELS"] = self.redis_topology.sentinels
+            try:
+                self.stack.start(timeout=120)
+            except BaseException:
+                if self.redis_topology is not None:
+                    self.redis_topology.stop()
+                raise
 
     def stop(self, keep: bool = False) -> None:
         if self.managed and self.stack is not None:
             self.stack.stop()
+            if self.redis_topology is not None:
+                self.redis_topology.stop()
             if not keep:
                 shutil.rmtree(self.stack.run_dir, ignore_errors=True)
 
@@ -197,7 +236,25 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
     if name == "switchboard":
         environ.update(SWITCHBOARD_BENCH_ENV)
     environ.update(settings)
+    topology = settings.get("REDIS_TOPOLOGY", "single")
+    redis_topology: LocalCluster | LocalSentinelSet | None = None
+    if topology == "cluster":
+        redis_topology = LocalCluster(run_dir / "redis-cluster")
+    elif topology == "sentinel":
+        redis_topology = LocalSentinelSet(run_dir / "redis-sentinel")
+    elif topology != "single":
+        raise TargetError(f"REDIS_TOPOLOGY={topology!r}: single, sentinel or cluster")
+    if redis_topology is not None:
+        environ["REDIS_URL"] = "redis://placeholder/0"  # the real one once it has started
+    checkout = settings.pop("checkout", None)
+    if checkout is not None:
+        if name != "switchboard" or not (Path(checkout) / "app" / "manage.py").exists():
+            raise TargetError(f"checkout={checkout}: not a checkout of Switchboard")
+        cls = CheckoutStack
+        environ.pop("checkout", None)
     stack = cls.from_env(environ)
+    if isinstance(stack, CheckoutStack):
+        stack.checkout = Path(checkout).resolve()
     endpoint = Endpoint(
         server_name="localhost",
         address="127.0.0.1",
@@ -213,6 +270,7 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
         managed=True,
         workers_per_replica=workers,
         settings=settings,
+        redis_topology=redis_topology,
     )
 
 

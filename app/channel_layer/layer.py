@@ -19,9 +19,18 @@ public pieces (``channels_redis.utils.decode_hosts`` for the host formats, the
 * **One subscription per process, not per consumer.** Channel names are
   ``specific.<process token>!<id>``; ``send()`` publishes to the owning process's Redis channel
   with the name in front, and that process routes it to the mailbox.
-* **Two plain RESP connections per process and event loop**, parsed by hiredis: one subscribed,
-  one for PUBLISH. Publishes issued in the same event-loop turn leave in one write; replies are
-  matched in order (pipelining without a lock).
+* **Two plain RESP connections per Redis node a process needs** (per event loop), parsed by
+  hiredis (``channel_layer.transport``): one subscribed, one for publishing. Publishes issued in
+  the same event-loop turn leave in one write; replies are matched in order (pipelining without
+  a lock). One server or a Sentinel master is one node; on a Redis Cluster
+  (``channel_layer.topology``) each channel lives on the master owning its slot, with
+  ``SSUBSCRIBE`` / ``SPUBLISH`` (sharded pub/sub): a process holds one subscription connection
+  per shard it needs, never one per group or per socket.
+* **Channel names isolate deployments and spread groups.** ``<prefix>:<db>:g:{<group>}``,
+  ``<prefix>:<db>:c:{<name>}``, ``<prefix>:<db>:p:{<process token>}``: pub/sub ignores database
+  numbers, so the number is in the name (two deployments sharing one Redis never see each
+  other's messages), and the braces are the cluster hash tag (a group is one slot; groups
+  spread over the shards).
 * **Bounded mailboxes, counted drops.** A consumer that falls ``capacity`` messages behind (its
   client does not read) loses its *oldest* message; every drop is counted, logged as a warning
   (at most every ``DROP_LOG_SECONDS``, with the count) and shown in ``/readyz`` under
@@ -35,6 +44,13 @@ deliver twice): the error reaches the caller, whose client is told to send again
 (``unavailable``). For ``RECOVERY_GRACE`` after its subscriptions are restored, a process
 refuses to publish, so that nothing is published while other processes are still re-subscribing
 (it would reach nobody, silently).
+
+**Failover and slot migration** (Sentinel, Cluster) are followed without help: a lost node, a
+``MOVED`` reply or the server's ``sunsubscribe`` push (its slot moved) make the subscriber ask
+the topology again and subscribe on the new owner; a publish answered ``MOVED`` was not executed
+and is sent once more to the new owner, after the same grace. **Nothing is lost silently:**
+every message carries ``<publisher token> <sequence number>`` per channel in front of its
+payload, and a receiver that sees a gap counts the missing messages (``lost``) and logs them.
 
 ``REDIS_URL`` may be ``redis://``, ``rediss://`` (TLS; ``?ssl_cert_reqs=none`` and
 ``?ssl_ca_certs=<file>`` are honoured) or ``unix://``.
@@ -50,15 +66,17 @@ import time
 import types
 import uuid
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
+import hiredis
 from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from channels_redis.utils import decode_hosts
 
 from channel_layer.stats import STATS, stats
-from channel_layer.transport import RedisAddress, RedisUnavailable, RespConnection
+from channel_layer.topology import PRIMARY, Node, SentinelTopology, make_topology
+from channel_layer.transport import RedisAddress, RedisRedirect, RedisUnavailable, RespConnection
 
 logger = logging.getLogger("switchboard.layer")
 
@@ -75,6 +93,8 @@ RECONNECT_MAX = 0.5
 #: subscriptions are back: the other processes reconnect on the same backoff, so by then they
 #: are subscribed too, and a message published meanwhile would reach nobody -- silently.
 RECOVERY_GRACE = RECONNECT_MAX + 0.25
+#: Publishers a receiver keeps sequence numbers of, per channel (publishers restart).
+MAX_PUBLISHERS_TRACKED = 1024
 #: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
 #: means a dead peer (a half-open TCP connection never reports itself).
 PING_INTERVAL = 15.0
@@ -123,62 +143,403 @@ class _Mailbox:
                 self.waiter = None
 
 
+class _Shard:
+    """This event loop's subscription connection to one Redis node, and the channels it holds.
+
+    With one server or Sentinel there is one shard (:data:`PRIMARY`); with a Cluster, one per
+    master that owns a channel this process needs -- never one per group or per socket.
+    """
+
+    def __init__(self, state: _LoopState, node: Node) -> None:
+        self.state = state
+        self.node = node
+        self.channels: set[bytes] = set()  # wanted on this node
+        self.subscribed: set[bytes] = set()  # confirmed by the node
+        self.confirming: dict[bytes, asyncio.Future[None]] = {}
+        # Until the node confirms an UNSUBSCRIBE, a "subscribe" push for the channel is an old one.
+        self.unsubscribing: collections.Counter[bytes] = collections.Counter()
+        self.connection: RespConnection | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.down = False
+        self.recovering_until = 0.0  # see RECOVERY_GRACE
+        self._pong: asyncio.Future[None] | None = None
+        self._moved: set[bytes] = set()  # channels the node dropped or redirected: to re-home
+        self._rehoming: asyncio.Task[None] | None = None
+        if state.topology.sharded:
+            self.subscribe_command, self.unsubscribe_command = "SSUBSCRIBE", "SUNSUBSCRIBE"
+        else:
+            self.subscribe_command, self.unsubscribe_command = "SUBSCRIBE", "UNSUBSCRIBE"
+
+    @property
+    def up(self) -> bool:
+        return self.connection is not None and self.connection.is_open
+
+    def add(
+        self, channel: bytes, future: asyncio.Future[None] | None = None
+    ) -> asyncio.Future[None]:
+        """Subscribe ``channel`` here; the future resolves when the node confirmed it."""
+        loop = self.state.loop
+        self.channels.add(channel)
+        if channel in self.subscribed and not self.unsubscribing[channel]:
+            done = future or loop.create_future()
+            if not done.done():
+                done.set_result(None)
+            return done
+        pending = self.confirming.get(channel)
+        if pending is None or pending.done():
+            pending = self.confirming[channel] = future or loop.create_future()
+            if self.up:
+                self.connection.write(self.subscribe_command, channel)  # type: ignore[union-attr]
+        elif future is not None and future is not pending:
+            pending.add_done_callback(lambda f: future.done() or future.set_result(None))
+        if self.task is None or self.task.done():
+            self.task = loop.create_task(self._run(), name=f"fanout-layer-{self.node}")
+        return pending
+
+    def remove(self, channel: bytes, *, tell_node: bool = True) -> asyncio.Future[None] | None:
+        """Stop wanting ``channel`` here; returns its unconfirmed subscription, if any."""
+        self.channels.discard(channel)
+        self.subscribed.discard(channel)
+        future = self.confirming.pop(channel, None)
+        if tell_node and self.up:
+            self.unsubscribing[channel] += 1
+            self.connection.write(self.unsubscribe_command, channel)  # type: ignore[union-attr]
+        return future
+
+    async def _run(self) -> None:
+        """Hold the subscription connection: (re)connect, subscribe what is wanted, ping."""
+        state = self.state
+        loop = state.loop
+        delay = RECONNECT_FIRST
+        down_since: float | None = None
+        try:
+            while self.channels:
+                try:
+                    address = await state.topology.address(self.node)
+                    connection = await state.open_connection(self.node, self._on_push, address)
+                    self.connection = connection
+                    self.down = False
+                    self.subscribed.clear()
+                    self.unsubscribing.clear()
+                    for channel in self.channels:
+                        future = self.confirming.get(channel)
+                        if future is None or future.done():
+                            self.confirming[channel] = loop.create_future()
+                        connection.write(self.subscribe_command, channel)
+                    if down_since is not None:
+                        self.recovering_until = loop.time() + RECOVERY_GRACE
+                        groups = [
+                            g
+                            for g in state.groups
+                            if state.home.get(state.layer.group_channel(g)) is self
+                        ]
+                        logger.warning(
+                            "channel layer back after %.1f s on %s: %d memberships of %d "
+                            "sockets restored (%d groups re-subscribed); publishing resumes "
+                            "in %.2f s",
+                            time.monotonic() - down_since,
+                            state.topology.describe(self.node),
+                            sum(len(state.groups[g]) for g in groups),
+                            len({c for g in groups for c in state.groups[g]}),
+                            len(groups),
+                            RECOVERY_GRACE,
+                        )
+                        down_since, delay = None, RECONNECT_FIRST
+                    while not connection.lost.done():
+                        await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
+                        if state.process_channel in self.channels:
+                            state.sweep()  # once per interval and process, from one shard
+                        if not connection.lost.done() and not await self.ping():
+                            connection.close()
+                        if not connection.lost.done() and await state.master_moved(address):
+                            connection.close()  # a demoted master: follow Sentinel's new one
+                    raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.down = True
+                    self.subscribed.clear()
+                    if self.connection is not None:
+                        self.connection.close()
+                        self.connection = None
+                    if state.process_channel in self.channels:
+                        state.ready.clear()
+                    if down_since is None:
+                        down_since = time.monotonic()
+                        STATS.reconnects += 1
+                        logger.warning(
+                            "channel layer: subscription connection to %s down (%s); messages "
+                            "published until it is back do not reach this process",
+                            state.topology.describe(self.node),
+                            exc,
+                        )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECONNECT_MAX)
+                    if state.topology.sharded:
+                        await state.rehome(self, set(self.channels))
+        finally:
+            if self.connection is not None:
+                self.connection.close()
+                self.connection = None
+            if state.shards.get(self.node) is self and not self.channels:
+                del state.shards[self.node]
+
+    async def ping(self) -> bool:
+        """PING the subscription connection: ``False`` when no answer came within the socket
+        timeout (a dead peer: a half-open TCP connection never reports itself)."""
+        connection = self.connection
+        if connection is None or not connection.is_open:
+            return False
+        self._pong = self.state.loop.create_future()
+        connection.write("PING")
+        try:
+            await asyncio.wait_for(self._pong, self.state.layer.address.timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _on_push(self, reply: Any) -> None:
+        if isinstance(reply, hiredis.ReplyError):
+            self._on_error(str(reply))
+            return
+        kind = reply[0]
+        if kind == b"message" or kind == b"smessage":
+            self.state.on_message(reply[1], reply[2])
+        elif kind == b"subscribe" or kind == b"ssubscribe":
+            channel = reply[1]
+            if self.unsubscribing[channel]:
+                return  # an UNSUBSCRIBE sent after it is still on its way
+            self.subscribed.add(channel)
+            future = self.confirming.pop(channel, None)
+            if future is not None and not future.done():
+                future.set_result(None)
+            if channel == self.state.process_channel:
+                self.state.ready.set()
+        elif kind == b"unsubscribe" or kind == b"sunsubscribe":
+            channel = reply[1]
+            count = self.unsubscribing[channel]
+            if count > 1:
+                self.unsubscribing[channel] -= 1
+            elif count == 1:
+                del self.unsubscribing[channel]
+            elif channel in self.channels:
+                # Not asked for: the node gave the channel's slot to another node.
+                self.subscribed.discard(channel)
+                if channel == self.state.process_channel:
+                    self.state.ready.clear()
+                self._rehome_later({channel})
+        elif kind == b"pong" and self._pong is not None and not self._pong.done():
+            self._pong.set_result(None)
+
+    def _on_error(self, text: str) -> None:
+        STATS.redis_errors += 1
+        logger.warning(
+            "channel layer: error reply on the subscription connection to %s: %s",
+            self.state.topology.describe(self.node),
+            text[:200],
+        )
+        if text.startswith(("MOVED ", "ASK ")) and self.state.topology.sharded:
+            slot = int(text.split()[1])
+            slot_of = self.state.topology.slot  # type: ignore[attr-defined]
+            moved = {c for c in self.channels if c not in self.subscribed and slot_of(c) == slot}
+            self._rehome_later(moved)
+
+    def _rehome_later(self, channels: set[bytes]) -> None:
+        self._moved |= channels
+        if self._rehoming is None or self._rehoming.done():
+            self._rehoming = self.state.loop.create_task(self._rehome_moved())
+
+    async def _rehome_moved(self) -> None:
+        while self._moved:
+            moved, self._moved = self._moved, set()
+            await self.state.rehome(self, moved, force=True)
+
+
 class _LoopState:
-    """Everything bound to one event loop: connections, subscriber task, mailboxes, groups."""
+    """Everything bound to one event loop: topology, connections, mailboxes, groups."""
 
     def __init__(self, layer: FanoutChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
         self.layer = layer
         self.loop = loop
         self.token = uuid.uuid4().hex[:16]
-        self.process_channel = f"{layer.prefix}:p:{self.token}".encode()
+        self.process_channel = layer.process_channel(self.token)
+        self.topology = make_topology(
+            layer.topology_kind, layer.address, layer.sentinels, layer.sentinel_master
+        )
+        self.publish_command = "SPUBLISH" if self.topology.sharded else "PUBLISH"
         self.mailboxes: dict[str, _Mailbox] = {}
         self.groups: dict[str, set[str]] = {}  # group -> local channel names
-        self.subscribed: set[bytes] = set()
-        self.confirming: dict[bytes, asyncio.Future[None]] = {}
-        self.publisher: RespConnection | None = None
-        self.publisher_lock = asyncio.Lock()
-        self.watchdog: asyncio.Task[None] | None = None
-        self.unsubscribing: collections.Counter[bytes] = collections.Counter()
-        self.subscriber: RespConnection | None = None
-        self.reader: asyncio.Task[None] | None = None
+        self.shards: dict[Node, _Shard] = {}
+        self.home: dict[bytes, _Shard] = {}  # subscribed channel -> its shard
+        self.publishers: dict[Node, RespConnection] = {}
+        self.publisher_locks: dict[Node, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
+        self.watchdogs: dict[Node, asyncio.Task[None]] = {}
+        self.connect_failed_at: dict[Node, float] = {}
         self.ready = asyncio.Event()
-        self.recovering_until = 0.0  # see RECOVERY_GRACE
+        self.started = False
+        self.sent_seq: dict[bytes, int] = {}  # channel -> last sequence number published
+        self.seen_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> publisher -> last seen
+        self.published_on: dict[bytes, Node] = {}  # cluster: channel -> node last published to
+        self.settle_until: dict[bytes, float] = {}  # cluster: channel -> see publish()
+        self.refreshing: asyncio.Task[None] | None = None
+
+    # -- connections -----------------------------------------------------------------------------
+    async def open_connection(
+        self,
+        node: Node,
+        on_push: Callable[[Any], None] | None = None,
+        address: RedisAddress | None = None,
+    ) -> RespConnection:
+        if address is None:
+            address = await self.topology.address(node)
+        connection = await RespConnection.open(address, on_push)
+        if isinstance(self.topology, SentinelTopology):
+            # Sentinel may still name a master that was just demoted (or not yet promoted).
+            try:
+                role = await connection.call(address.timeout, "ROLE")
+            except BaseException:
+                connection.close()
+                raise
+            if role[0] != b"master":
+                connection.close()
+                raise RedisUnavailable(f"{address.host}:{address.port} is not a master (yet)")
+        return connection
+
+    async def master_moved(self, connected_to: RedisAddress) -> bool:
+        """Sentinel: whether the master is elsewhere now than ``connected_to`` (a master that
+        was demoted while this process stayed connected keeps answering, as a replica). The
+        publishing connection is closed too, so that the next publish goes to the new one."""
+        if not isinstance(self.topology, SentinelTopology):
+            return False
+        try:
+            now = await self.topology.address(PRIMARY)
+        except RedisUnavailable:
+            return False  # the sentinels are unreachable: keep what works
+        if (now.host, now.port) == (connected_to.host, connected_to.port):
+            return False
+        publisher = self.publishers.get(PRIMARY)
+        if publisher is not None:
+            publisher.close()
+        return True
+
+    async def _publisher(self, node: Node) -> RespConnection:
+        loop = self.loop
+        async with self.publisher_locks[node]:
+            connection = self.publishers.get(node)
+            if connection is None or not connection.is_open:
+                # Publishes queued behind a failed connect fail at once instead of each waiting
+                # out connect_timeout in turn (a dead host does not refuse: it is silent).
+                if loop.time() - self.connect_failed_at.get(node, float("-inf")) < RECONNECT_MAX:
+                    raise RedisUnavailable(f"{self.topology.describe(node)} is unreachable")
+                try:
+                    connection = self.publishers[node] = await self.open_connection(node)
+                except (RedisUnavailable, OSError):
+                    self.connect_failed_at[node] = loop.time()
+                    raise
+                self.connect_failed_at.pop(node, None)
+                old = self.watchdogs.get(node)
+                if old is not None:
+                    old.cancel()
+                self.watchdogs[node] = self.loop.create_task(
+                    connection.watch(self.layer.address.timeout)
+                )
+            return connection
+
+    def refresh_soon(self) -> None:
+        """Re-read the topology in the background (after a failed publish)."""
+        if self.topology.sharded and (self.refreshing is None or self.refreshing.done()):
+            self.refreshing = self.loop.create_task(self.topology.refresh())
 
     # -- publishing ------------------------------------------------------------------------------
-    async def _publisher(self) -> RespConnection:
-        connection = self.publisher
-        if connection is not None and connection.is_open:
-            return connection
-        async with self.publisher_lock:
-            if self.publisher is None or not self.publisher.is_open:
-                self.publisher = await RespConnection.open(self.layer.address)
-                self.watchdog = self.loop.create_task(
-                    self.publisher.watch(self.layer.address.timeout)
-                )
-            return self.publisher
-
     async def publish(self, channel: bytes, payload: bytes) -> int:
-        # While this process's own subscriptions are down, or other processes may still be
-        # re-subscribing, a message could reach nobody: refuse it (the caller is told) instead.
-        subscriber_down = self.reader is not None and not self.ready.is_set()
-        if subscriber_down or self.loop.time() < self.recovering_until:
-            STATS.publish_failures += 1
-            raise RedisUnavailable("channel layer: re-subscribing after an outage")
+        loop = self.loop
+        if not self.topology.sharded:
+            # While this process's own subscriptions are down, or other processes may still be
+            # re-subscribing, a message could reach nobody: refuse it (the caller is told).
+            shard = self.shards.get(PRIMARY)
+            if shard is not None and (shard.down or loop.time() < shard.recovering_until):
+                STATS.publish_failures += 1
+                raise RedisUnavailable("channel layer: re-subscribing after an outage")
+            return await self._publish_to(PRIMARY, channel, payload)
         try:
-            connection = self.publisher
+            await self.topology.start()
+            node = self.topology.node_for(channel)
+        except Exception as exc:
+            STATS.publish_failures += 1
+            self.refresh_soon()
+            raise RedisUnavailable(f"channel layer: no owner for {channel!r}: {exc}") from exc
+        await self._settle(channel, node)
+        try:
+            return await self._publish_to(node, channel, payload)
+        except RedisRedirect:
+            # Not executed: the slot moved. Follow it, give the subscribers the same time to
+            # follow, and send it once more (a second redirect is a failure).
+            STATS.redirects += 1
+            await self.topology.refresh()
+            node = self.topology.node_for(channel)
+            await self._settle(channel, node)
+            return await self._publish_to(node, channel, payload, resend=True)
+
+    async def _settle(self, channel: bytes, node: Node) -> None:
+        """When a channel's owner changed since this process last published to it (failover,
+        migration), the subscribers of other processes are moving too: wait RECOVERY_GRACE
+        from the moment this process saw the change (a message sent sooner could reach no one)."""
+        previous = self.published_on.get(channel)
+        self.published_on[channel] = node
+        if previous is not None and previous != node:
+            self.settle_until[channel] = self.loop.time() + RECOVERY_GRACE
+        until = self.settle_until.get(channel)
+        if until is not None:
+            remaining = until - self.loop.time()
+            if remaining > 0:
+                await asyncio.sleep(remaining)
+            else:
+                del self.settle_until[channel]
+
+    async def _publish_to(
+        self, node: Node, channel: bytes, payload: bytes, *, resend: bool = False
+    ) -> int:
+        try:
+            connection = self.publishers.get(node)
             if connection is None or not connection.is_open:
-                connection = await self._publisher()
-            receivers = await connection.request("PUBLISH", channel, payload)
+                connection = await self._publisher(node)
+            # Sequence numbers per channel let receivers count what never reached them.
+            seq = self.sent_seq.get(channel, 0) + 1
+            reply = connection.request(
+                self.publish_command, channel, b"%s %d\n" % (self.token.encode(), seq) + payload
+            )
+            self.sent_seq[channel] = seq
+            receivers = await reply
+        except RedisRedirect:
+            if resend:
+                STATS.publish_failures += 1
+            if self.sent_seq.get(channel) == seq:
+                self.sent_seq[channel] = seq - 1  # not delivered anywhere: no gap for receivers
+            raise
         except (RedisUnavailable, OSError):
             STATS.publish_failures += 1
+            self.refresh_soon()
             raise
         STATS.published += 1
         return receivers
 
     # -- subscribing -----------------------------------------------------------------------------
+    def _shard(self, node: Node) -> _Shard:
+        shard = self.shards.get(node)
+        if shard is None:
+            shard = self.shards[node] = _Shard(self, node)
+        return shard
+
     async def start(self) -> None:
-        if self.reader is None or self.reader.done():
-            self.reader = self.loop.create_task(self._subscribe_forever(), name="fanout-layer")
+        if not self.started:
+            await self.topology.start()
+            if not self.started:
+                self.started = True
+                node = self.topology.node_for(self.process_channel)
+                shard = self.home[self.process_channel] = self._shard(node)
+                shard.add(self.process_channel)
+        if self.ready.is_set():
+            return  # (Python 3.11's wait_for would swallow a cancellation of a done wait)
         try:
             await asyncio.wait_for(self.ready.wait(), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
@@ -186,26 +547,53 @@ class _LoopState:
 
     async def subscribe(self, channel: bytes) -> None:
         await self.start()
-        if channel in self.subscribed and not self.unsubscribing[channel]:
-            return
-        future = self.confirming.get(channel)
-        if future is None:
-            future = self.confirming[channel] = self.loop.create_future()
-            self.subscriber.write("SUBSCRIBE", channel)  # type: ignore[union-attr]
+        shard = self.home.get(channel)
+        if shard is None:
+            shard = self.home[channel] = self._shard(self.topology.node_for(channel))
+        future = shard.add(channel)
         try:
             await asyncio.wait_for(asyncio.shield(future), SUBSCRIBE_TIMEOUT)
         except TimeoutError:
             raise RedisUnavailable("Redis did not confirm a subscription") from None
 
     def unsubscribe(self, channel: bytes) -> None:
-        self.subscribed.discard(channel)
-        future = self.confirming.pop(channel, None)
-        if future is not None and not future.done():
-            future.cancel()
-        if self.subscriber is not None and self.subscriber.is_open:
-            # Until Redis confirms this, a "subscribe" push for the channel is an old one.
-            self.unsubscribing[channel] += 1
-            self.subscriber.write("UNSUBSCRIBE", channel)
+        self.seen_seq.pop(channel, None)
+        shard = self.home.pop(channel, None)
+        if shard is not None:
+            future = shard.remove(channel)
+            if future is not None and not future.done():
+                future.cancel()
+
+    async def rehome(self, shard: _Shard, channels: set[bytes], *, force: bool = False) -> None:
+        """Re-read the cluster's slot map and move ``channels`` whose slot another node owns now
+        to that node's shard (``force``: subscribe again those that stay where they are)."""
+        await self.topology.refresh()
+        moved: collections.Counter[str] = collections.Counter()
+        for channel in channels:
+            if channel not in shard.channels or self.home.get(channel) is not shard:
+                continue
+            try:
+                node = self.topology.node_for(channel)
+            except Exception as exc:  # slot not covered (yet): tried again on the next failure
+                logger.warning("channel layer: %r has no owner yet (%s)", channel, exc)
+                continue
+            if node == shard.node:
+                if force and shard.up and channel not in shard.subscribed:
+                    shard.remove(channel, tell_node=False)
+                    shard.add(channel)
+                continue
+            future = shard.remove(channel, tell_node=False)
+            target = self.home[channel] = self._shard(node)
+            target.add(channel, future)
+            moved[self.topology.describe(node)] += 1
+        if moved:
+            STATS.rehomed += sum(moved.values())
+            logger.warning(
+                "channel layer: %d subscription(s) moved from %s to %s",
+                sum(moved.values()),
+                self.topology.describe(shard.node),
+                ", ".join(f"{node} ({n})" for node, n in moved.items()),
+            )
 
     def sweep(self) -> None:
         """Forget mailboxes nobody reads: not waited on, empty, in no group, and untouched since
@@ -222,104 +610,40 @@ class _LoopState:
             else:
                 mailbox.stale = True
 
-    def _wanted(self) -> set[bytes]:
-        wanted = {self.process_channel}
-        wanted.update(self.layer.group_channel(g) for g in self.groups)
-        wanted.update(self.layer.named_channel(n) for n in self.mailboxes if "!" not in n)
-        return wanted
-
-    async def _subscribe_forever(self) -> None:
-        """Hold the subscription connection: (re)connect, subscribe what is wanted, ping."""
-        delay = RECONNECT_FIRST
-        down_since: float | None = None
-        address = self.layer.address
-        while True:
-            try:
-                connection = await RespConnection.open(address, self._on_push)
-                self.subscriber = connection
-                self.subscribed.clear()
-                self.unsubscribing.clear()
-                for channel in self._wanted():
-                    self.confirming.setdefault(channel, self.loop.create_future())
-                    connection.write("SUBSCRIBE", channel)
-                if down_since is not None:
-                    self.recovering_until = self.loop.time() + RECOVERY_GRACE
-                    logger.warning(
-                        "channel layer back after %.1f s: %d memberships of %d sockets restored "
-                        "(%d groups re-subscribed); publishing resumes in %.2f s",
-                        time.monotonic() - down_since,
-                        sum(len(m) for m in self.groups.values()),
-                        len({c for m in self.groups.values() for c in m}),
-                        len(self.groups),
-                        RECOVERY_GRACE,
-                    )
-                    down_since, delay = None, RECONNECT_FIRST
-                while not connection.lost.done():
-                    await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
-                    self.sweep()
-                    if not connection.lost.done():
-                        self._pong = self.loop.create_future()
-                        connection.write("PING")
-                        try:
-                            await asyncio.wait_for(self._pong, address.timeout)
-                        except TimeoutError:
-                            connection.close()
-                raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
-            except asyncio.CancelledError:
-                if self.subscriber is not None:
-                    self.subscriber.close()
-                raise
-            except Exception as exc:
-                self.ready.clear()
-                if down_since is None:
-                    down_since = time.monotonic()
-                    STATS.reconnects += 1
-                    logger.warning(
-                        "channel layer: subscription connection down (%s); messages published "
-                        "until it is back do not reach this process",
-                        exc,
-                    )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, RECONNECT_MAX)
-
-    _pong: asyncio.Future[None] | None = None
-
-    def _on_push(self, reply: list[Any]) -> None:
-        kind = reply[0]
-        if kind == b"message":
-            self._on_message(reply[1], reply[2])
-        elif kind == b"subscribe":
-            channel = reply[1]
-            if self.unsubscribing[channel]:
-                return  # an UNSUBSCRIBE sent after it is still on its way
-            self.subscribed.add(channel)
-            future = self.confirming.pop(channel, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-            if channel == self.process_channel:
-                self.ready.set()
-        elif kind == b"unsubscribe":
-            channel = reply[1]
-            if self.unsubscribing[channel] > 1:
-                self.unsubscribing[channel] -= 1
-            else:
-                del self.unsubscribing[channel]
-        elif kind == b"pong" and self._pong is not None and not self._pong.done():
-            self._pong.set_result(None)
-
-    def _on_message(self, channel: bytes, data: bytes) -> None:
+    # -- receiving -------------------------------------------------------------------------------
+    def on_message(self, channel: bytes, data: bytes) -> None:
         STATS.received += 1
         layer = self.layer
+        head, _, data = data.partition(b"\n")
+        sender, _, seq = head.partition(b" ")
+        try:
+            self._check_sequence(channel, sender, int(seq))
+        except ValueError:
+            STATS.undeliverable += 1
+            logger.warning("channel layer: a message without sequence number on %r", channel)
+            return
         if channel == self.process_channel:
             name, _, payload = data.partition(b"\n")
             self._deliver(name.decode(), layer.deserialize(payload))
             return
         event = layer.deserialize(data)
         if channel.startswith(layer.group_prefix):
-            for name in self.groups.get(channel[len(layer.group_prefix) :].decode(), ()):
+            for name in self.groups.get(channel[len(layer.group_prefix) : -1].decode(), ()):
                 self._deliver(name, dict(event))
         else:
-            self._deliver(channel[len(layer.named_prefix) :].decode(), event)
+            self._deliver(channel[len(layer.named_prefix) : -1].decode(), event)
+
+    def _check_sequence(self, channel: bytes, sender: bytes, seq: int) -> None:
+        seen = self.seen_seq.get(channel)
+        if seen is None:
+            seen = self.seen_seq[channel] = {}
+        last = seen.get(sender)
+        if last is None or seq > last:
+            if len(seen) > MAX_PUBLISHERS_TRACKED:
+                seen.clear()  # publishers come and go (restarts): forget the old ones
+            seen[sender] = seq
+            if last is not None and seq > last + 1:
+                self.layer.count_lost(channel, sender, seq - last - 1)
 
     def _deliver(self, name: str, message: dict[str, Any]) -> None:
         mailbox = self.mailboxes.get(name)
@@ -331,14 +655,21 @@ class _LoopState:
             self.layer.count_drop(name)
 
     async def aclose(self) -> None:
-        for task in (self.reader, self.watchdog):
+        tasks = [shard.task for shard in self.shards.values()]
+        tasks += [shard._rehoming for shard in self.shards.values()]
+        tasks += [*self.watchdogs.values(), self.refreshing]
+        for task in tasks:
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        for connection in (self.publisher, self.subscriber):
-            if connection is not None:
-                connection.close()
+        for connection in [*self.publishers.values()]:
+            connection.close()
+        for shard in list(self.shards.values()):
+            if shard.connection is not None:
+                shard.connection.close()
+        with contextlib.suppress(Exception):
+            await self.topology.aclose()
 
 
 class FanoutChannelLayer(BaseChannelLayer):
@@ -353,16 +684,31 @@ class FanoutChannelLayer(BaseChannelLayer):
         capacity: int = 1000,
         serializer_format: str = "msgpack",
         symmetric_encryption_keys: Iterable[str] | None = None,
+        topology: str = "single",
+        sentinels: str | Iterable[Any] = (),
+        sentinel_master: str = "switchboard",
         **kwargs: Any,
     ) -> None:
         super().__init__(capacity=capacity, **kwargs)
         decoded = decode_hosts(hosts)
         if len(decoded) != 1:
-            raise ValueError("FanoutChannelLayer takes exactly one Redis host (no sharding)")
+            raise ValueError(
+                "FanoutChannelLayer takes one Redis host: a server, the Sentinel master's "
+                "credentials or a cluster seed node (topology= says which)"
+            )
         self.address = RedisAddress.from_host(decoded[0])
+        self.topology_kind = topology
+        self.sentinels = sentinels if isinstance(sentinels, str) else list(sentinels)
+        self.sentinel_master = sentinel_master
+        make_topology(topology, self.address, self.sentinels, sentinel_master)  # validates
+        # Pub/sub ignores database numbers: the number goes into every channel name, with the
+        # prefix, so that deployments sharing one Redis never see each other's messages. The
+        # part in braces is the cluster hash tag: one group's channel is one slot (one shard),
+        # and different groups spread over the shards.
         self.prefix = prefix
-        self.group_prefix = f"{prefix}:g:".encode()
-        self.named_prefix = f"{prefix}:c:".encode()
+        self.namespace = f"{prefix}:{self.address.db}"
+        self.group_prefix = f"{self.namespace}:g:{{".encode()
+        self.named_prefix = f"{self.namespace}:c:{{".encode()
         self._serializer = registry.get_serializer(
             serializer_format, symmetric_encryption_keys=symmetric_encryption_keys
         )
@@ -380,10 +726,13 @@ class FanoutChannelLayer(BaseChannelLayer):
         return self._serializer.deserialize(data)
 
     def group_channel(self, group: str) -> bytes:
-        return self.group_prefix + group.encode()
+        return self.group_prefix + group.encode() + b"}"
 
     def named_channel(self, name: str) -> bytes:
-        return self.named_prefix + name.encode()
+        return self.named_prefix + name.encode() + b"}"
+
+    def process_channel(self, token: str) -> bytes:
+        return f"{self.namespace}:p:{{{token}}}".encode()
 
     def _state(self) -> _LoopState:
         loop = asyncio.get_running_loop()
@@ -425,6 +774,19 @@ class FanoutChannelLayer(BaseChannelLayer):
             self._drops_logged_at = now
             self._drops_unlogged = 0
 
+    def count_lost(self, channel: bytes, sender: bytes, count: int) -> None:
+        """Messages a publisher sent on ``channel`` that never reached this process (a
+        failover or slot-migration gap): counted, and logged each time."""
+        STATS.lost += count
+        logger.warning(
+            "channel layer: lost %d message(s) on %s from process %s (sent while this "
+            "process's subscription was moving or down); %d lost since start",
+            count,
+            channel.decode(errors="replace"),
+            sender.decode(errors="replace"),
+            STATS.lost,
+        )
+
     # -- channel layer API -------------------------------------------------------------------------
     async def new_channel(self, prefix: str = "specific.") -> str:
         state = self._state()
@@ -439,8 +801,7 @@ class FanoutChannelLayer(BaseChannelLayer):
         self.require_valid_channel_name(channel)
         payload = self.serialize(message)
         if "!" in channel:
-            token = channel.split("!", 1)[0].rsplit(".", 1)[-1]
-            target = f"{self.prefix}:p:{token}".encode()
+            target = self.process_channel(channel.split("!", 1)[0].rsplit(".", 1)[-1])
             payload = channel.encode() + b"\n" + payload
         else:
             target = self.named_channel(channel)
@@ -475,9 +836,11 @@ class FanoutChannelLayer(BaseChannelLayer):
         try:
             await state.subscribe(self.group_channel(group))
         except BaseException:
+            # Failed or cancelled: leave no subscription behind for a group nobody here is in.
             members.discard(channel)
             if not members and state.groups.get(group) is members:
                 del state.groups[group]
+                state.unsubscribe(self.group_channel(group))
             raise
 
     async def group_discard(self, group: str, channel: str) -> None:

@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -24,12 +24,19 @@ import hiredis
 
 logger = logging.getLogger("switchboard.layer")
 
-#: Pub/sub pushes (RESP2: arrays whose first element names the kind).
-_PUSH_KINDS = frozenset({b"message", b"subscribe", b"unsubscribe", b"pong"})
+#: Pub/sub pushes (RESP2: arrays whose first element names the kind), sharded ones included.
+_PUSH_KINDS = frozenset(
+    {b"message", b"subscribe", b"unsubscribe", b"pong", b"smessage", b"ssubscribe", b"sunsubscribe"}
+)
 
 
 class RedisUnavailable(ConnectionError):
     """The layer's Redis connection failed or did not answer in time."""
+
+
+class RedisRedirect(RedisUnavailable):
+    """A cluster node answered ``MOVED`` or ``ASK``: the command was *not* executed there (so it
+    is safe to send again to the slot's new owner)."""
 
 
 @dataclass(frozen=True)
@@ -40,10 +47,12 @@ class RedisAddress:
     port: int = 6379
     path: str | None = None  # unix socket
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)  # never in logs or tracebacks
     tls: ssl.SSLContext | None = None
+    tls_ca_file: str | None = None  # what ``tls`` trusts, for the topology's library clients
     connect_timeout: float = 5.0
     timeout: float = 15.0
+    db: int = 0  # pub/sub ignores it; the layer puts it in its channel names (isolation)
 
     @classmethod
     def from_host(cls, entry: dict[str, Any]) -> RedisAddress:
@@ -56,16 +65,21 @@ class RedisAddress:
                 password=entry.get("password"),
                 connect_timeout=connect_timeout,
                 timeout=timeout,
+                db=int(entry.get("db", 0)),
             )
         url = urlsplit(entry["address"])
         query = {k: v[-1] for k, v in parse_qs(url.query).items()}
         username = unquote(url.username) if url.username else None
         password = unquote(url.password) if url.password else query.get("password")
+        db = query.get("db") or (url.path.strip("/") if url.scheme != "unix" else "") or "0"
+        if not db.isdigit():
+            raise ValueError(f"Redis URL database {db!r} is not a number")
         common = {
             "username": username,
             "password": password,
             "connect_timeout": connect_timeout,
             "timeout": timeout,
+            "db": int(db),
         }
         if url.scheme == "unix":
             return cls(path=unquote(url.path), **common)
@@ -77,12 +91,30 @@ class RedisAddress:
             if query.get("ssl_cert_reqs", "required").lower() in {"none", "cert_none"}:
                 tls.check_hostname = False
                 tls.verify_mode = ssl.CERT_NONE
-        return cls(host=url.hostname or "localhost", port=url.port or 6379, tls=tls, **common)
+        return cls(
+            host=url.hostname or "localhost",
+            port=url.port or 6379,
+            tls=tls,
+            tls_ca_file=query.get("ssl_ca_certs"),
+            **common,
+        )
+
+
+def reply_error(reply: hiredis.ReplyError) -> RedisUnavailable:
+    """The exception for an error reply: :class:`RedisRedirect` for MOVED / ASK."""
+    text = str(reply)
+    if text.startswith(("MOVED ", "ASK ")):
+        return RedisRedirect(f"Redis: {text}")
+    return RedisUnavailable(f"Redis: {text}")
 
 
 class RespConnection(asyncio.Protocol):
     """One RESP2 connection: pipelined commands whose replies resolve futures in order, and
-    pub/sub pushes handed to ``on_push``. Parsing is hiredis."""
+    pub/sub pushes handed to ``on_push``. Parsing is hiredis.
+
+    On a subscription connection (``on_push`` given), an error reply nobody waits for -- the
+    answer to a SUBSCRIBE or PING written with :meth:`write` -- goes to ``on_push`` too, as a
+    ``hiredis.ReplyError``: the layer logs and counts it instead of losing it."""
 
     def __init__(self, on_push: Callable[[list[Any]], None] | None = None) -> None:
         self.on_push = on_push
@@ -147,9 +179,13 @@ class RespConnection(asyncio.Protocol):
                 if future.done():
                     continue
                 if isinstance(reply, hiredis.ReplyError):
-                    future.set_exception(RedisUnavailable(f"Redis: {reply}"))
+                    future.set_exception(reply_error(reply))
                 else:
                     future.set_result(reply)
+            elif self.on_push is not None and isinstance(reply, hiredis.ReplyError):
+                self.on_push(reply)
+            else:
+                logger.warning("channel layer: unexpected reply from Redis dropped: %.200r", reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         error = RedisUnavailable(f"Redis connection lost: {exc or 'closed'}")

@@ -20,7 +20,9 @@ Two more options come from the fault tests (tests/faults/):
 
 The ``fanout`` backend is ``channel_layer.layer.FanoutChannelLayer`` (Redis pub/sub, groups
 held per process, one decode per process, counted drops): see that module and
-loadtests/README.md for what it buys.
+loadtests/README.md for what it buys. It alone follows REDIS_TOPOLOGY (``single``, ``sentinel``,
+``cluster``: ``channel_layer.topology``) and names its channels from CHANNEL_PREFIX and the
+database number of REDIS_URL.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from django.core.exceptions import ImproperlyConfigured
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
+from channel_layer.topology import TOPOLOGIES
 from config import env
 
 #: channels_redis.core.RedisChannelLayer.brpop_timeout
@@ -90,5 +93,23 @@ def channel_layers_from_env() -> dict[str, Any]:
             config |= {"capacity": capacity, "expiry": expiry, "group_expiry": group_expiry}
         elif kind == "fanout":
             # Process-local groups: nothing to expire. Capacity bounds each consumer's mailbox.
-            config["capacity"] = capacity
+            config |= {
+                "capacity": capacity,
+                "prefix": env.get("CHANNEL_PREFIX"),
+                "topology": env.get("REDIS_TOPOLOGY"),
+                "sentinels": env.get("REDIS_SENTINELS"),
+                "sentinel_master": env.get("REDIS_SENTINEL_MASTER"),
+            }
+    topology = env.get("REDIS_TOPOLOGY")
+    if topology not in TOPOLOGIES:
+        raise ImproperlyConfigured(
+            f"REDIS_TOPOLOGY={topology!r}; expected one of {', '.join(TOPOLOGIES)}"
+        )
+    if topology != "single" and kind != "fanout":
+        raise ImproperlyConfigured(
+            f"REDIS_TOPOLOGY={topology} needs CHANNEL_LAYER=fanout (channels-redis' layers "
+            "talk to one server)"
+        )
+    if topology == "sentinel" and not env.get_list("REDIS_SENTINELS"):
+        raise ImproperlyConfigured("REDIS_TOPOLOGY=sentinel needs REDIS_SENTINELS (host:port,...)")
     return {"default": {"BACKEND": backend, "CONFIG": config}}

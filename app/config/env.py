@@ -79,7 +79,38 @@ SETTINGS: tuple[Setting, ...] = (
         "REDIS_URL",
         "redis://127.0.0.1:6379/0",
         DJANGO,
-        "Redis for the channel layer and /readyz. `redis://` or `rediss://`, with password.",
+        "Redis for the channel layer and /readyz. `redis://` or `rediss://`, with password. "
+        "`single`: the server; `cluster`: any node (a seed); `sentinel`: the master's "
+        "credentials, database and TLS (its host is ignored).",
+    ),
+    Setting(
+        "REDIS_TOPOLOGY",
+        "single",
+        DJANGO,
+        "`single` (one server), `sentinel` (a Sentinel-managed master, followed through "
+        "failovers) or `cluster` (Redis Cluster 7.0+ / Valkey, sharded pub/sub). "
+        "`fanout` layer only.",
+    ),
+    Setting(
+        "REDIS_SENTINELS",
+        "",
+        DJANGO,
+        "`sentinel`: comma-separated `host:port` of the Sentinels (asked with REDIS_URL's "
+        "password).",
+    ),
+    Setting(
+        "REDIS_SENTINEL_MASTER",
+        "switchboard",
+        DJANGO,
+        "`sentinel`: the master's name in the Sentinels' configuration.",
+    ),
+    Setting(
+        "CHANNEL_PREFIX",
+        "switchboard",
+        DJANGO,
+        "Start of every Redis channel name, followed by REDIS_URL's database number: "
+        "deployments sharing one Redis with different prefixes or databases never see each "
+        "other's messages (pub/sub ignores database numbers).",
     ),
     Setting(
         "REDIS_SOCKET_TIMEOUT",

@@ -11,13 +11,14 @@ from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from channel_layer.topology import library_client
 from config import env
 from config.channel_layers import redis_connection_options
 
-_redis: aioredis.Redis | None = None
+_redis: aioredis.Redis | aioredis.RedisCluster | None = None
 
 
-def _client() -> aioredis.Redis:
+def _client() -> aioredis.Redis | aioredis.RedisCluster:
     global _redis
     if _redis is None:
         options = redis_connection_options() | {"socket_timeout": 2, "socket_connect_timeout": 2}
@@ -25,7 +26,13 @@ def _client() -> aioredis.Redis:
         # A probe reports the state now; retrying is the prober's business (and would make a
         # "Redis is down" answer slower than the prober's timeout).
         options["retry"] = Retry(NoBackoff(), 0)
-        _redis = aioredis.Redis.from_url(env.get("REDIS_URL"), **options)
+        _redis = library_client(
+            env.get("REDIS_TOPOLOGY"),
+            env.get("REDIS_URL"),
+            env.get("REDIS_SENTINELS"),
+            env.get("REDIS_SENTINEL_MASTER"),
+            **options,
+        )
     return _redis
 
 

@@ -269,8 +269,22 @@ def log_since(stack: RunningStack, program: str, offset: int) -> str:
 
 def log_offsets(stack: RunningStack) -> dict[str, int]:
     """Current length of every program's log, to read only what a test adds."""
-    names = [f"app{i}" for i in range(1, stack.stack.replicas + 1)] + ["nginx", "redis"]
+    names = [f"app{i}" for i in range(1, stack.stack.replicas + 1)] + ["nginx"]
+    names += ["redis"] if stack.stack.own_redis else []
     return {name: len(stack.log(name)) for name in names}
+
+
+LOST = re.compile(r"channel layer: lost (\d+) message")
+
+
+def lost_logged(stack: RunningStack, offsets: dict[str, int]) -> int:
+    """Messages the replicas' layers counted as lost (and logged) since ``offsets``."""
+    return sum(
+        int(count)
+        for name, offset in offsets.items()
+        if name.startswith("app")
+        for count in LOST.findall(log_since(stack, name, offset))
+    )
 
 
 UNHANDLED = re.compile(r"Traceback|Exception in ASGI application|\[CRITICAL\]|WORKER TIMEOUT")

@@ -8,11 +8,13 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from channel_layer import layer as fanout_layer
 from channel_layer import stats as layer_stats
 from channel_layer.layer import FanoutChannelLayer
-from channel_layer.transport import RedisUnavailable
+from channel_layer.topology import PRIMARY
+from channel_layer.transport import RedisAddress, RedisUnavailable
 from tests.redis_server import redis_server
 
 
@@ -70,16 +72,18 @@ async def test_a_consumer_that_falls_behind_loses_its_oldest_messages_counted_an
     a, b = layers
     cb = await b.new_channel()
     await b.group_add("slow", cb)
-    dropped_before = layer_stats.STATS.dropped
+    before = b.stats()  # what /readyz shows, before and after
     b._drops_logged_at = -1e9  # this test wants the warning whatever logged before
     with caplog.at_level(logging.WARNING, logger="switchboard.layer"):
         for n in range(8):
             await a.group_send("slow", {"type": "m", "n": n})
         await asyncio.sleep(0.3)
-    assert layer_stats.STATS.dropped - dropped_before == 3
-    assert "dropped" in caplog.text
+    after = b.stats()
+    assert after["dropped"] - before["dropped"] == 3
+    assert after["delivered"] - before["delivered"] == 8
+    assert after["lost"] == before["lost"]  # dropped for slowness, not lost in transit
+    assert "more than 5 messages behind" in caplog.text
     assert [(await receive(b, cb))["n"] for _ in range(5)] == [3, 4, 5, 6, 7]
-    assert b.stats()["dropped"] == layer_stats.STATS.dropped
 
 
 async def test_abandoned_mailboxes_are_swept(layers) -> None:
@@ -102,8 +106,9 @@ async def test_redis_outage_refuses_publishes_then_recovers(tmp_path: Path) -> N
         state = layer._state()
         reconnects = layer_stats.STATS.reconnects
         # Break both connections, as a Redis restart does.
-        state.subscriber.close()
-        state.publisher and state.publisher.close()
+        state.shards[PRIMARY].connection.close()
+        for publisher in state.publishers.values():
+            publisher.close()
         await asyncio.sleep(0.05)
         assert layer_stats.STATS.reconnects == reconnects + 1
         with pytest.raises(RedisUnavailable):  # while re-subscribing: refused, not lost
@@ -112,3 +117,115 @@ async def test_redis_outage_refuses_publishes_then_recovers(tmp_path: Path) -> N
         await layer.group_send("g", {"type": "m"})
         assert await asyncio.wait_for(layer.receive(channel), 2) == {"type": "m"}
         await layer.flush()
+
+
+def numsub(redis_url: str, channel: bytes) -> int:
+    client = redis.Redis.from_url(redis_url, socket_timeout=2)
+    return int(client.pubsub_numsub(channel)[0][1])
+
+
+async def test_a_cancelled_group_add_leaves_no_subscription(layers, redis_url: str) -> None:
+    a, _ = layers
+    channel = await a.new_channel()
+    joining = asyncio.ensure_future(a.group_add("abandoned", channel))
+    await asyncio.sleep(0)  # SUBSCRIBE is on its way: cancel before Redis confirms it
+    joining.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await joining
+    await asyncio.sleep(0.2)
+    assert "abandoned" not in a._state().groups
+    assert numsub(redis_url, a.group_channel("abandoned")) == 0
+    # A group_add that completes and a group_discard leave nothing either (the control).
+    await a.group_add("kept", channel)
+    assert numsub(redis_url, a.group_channel("kept")) == 1
+    await a.group_discard("kept", channel)
+    await asyncio.sleep(0.2)
+    assert numsub(redis_url, a.group_channel("kept")) == 0
+
+
+async def test_a_failed_group_add_leaves_no_subscription(
+    layers, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, _ = layers
+    channel = await a.new_channel()
+    monkeypatch.setattr(fanout_layer, "SUBSCRIBE_TIMEOUT", 0.5)
+    shard = a._state().shards[PRIMARY]
+    # A subscription Redis never confirms: its SUBSCRIBE is held back, so group_add times out.
+    original, shard.subscribe_command = shard.subscribe_command, "PING"
+    try:
+        with pytest.raises(RedisUnavailable):
+            await asyncio.wait_for(a.group_add("unconfirmed", channel), 10)
+    finally:
+        shard.subscribe_command = original
+    assert "unconfirmed" not in a._state().groups
+    assert a.group_channel("unconfirmed") not in shard.channels
+    await asyncio.sleep(0.2)
+    assert numsub(redis_url, a.group_channel("unconfirmed")) == 0
+
+
+async def test_error_replies_on_the_subscription_connection_are_logged_and_counted(
+    layers, caplog: pytest.LogCaptureFixture
+) -> None:
+    a, _ = layers
+    await a.new_channel()
+    shard = a._state().shards[PRIMARY]
+    before = a.stats()["redis_errors"]
+    with caplog.at_level(logging.WARNING, logger="switchboard.layer"):
+        shard.connection.write("GET", "not-allowed-while-subscribed")
+        await asyncio.sleep(0.3)
+    assert a.stats()["redis_errors"] == before + 1
+    assert "error reply on the subscription connection" in caplog.text
+    assert "only (P|S)SUBSCRIBE" in caplog.text or "allowed in this context" in caplog.text
+    assert await shard.ping()  # the connection carries on
+
+
+def test_the_address_repr_hides_the_password() -> None:
+    address = RedisAddress.from_host({"address": "redis://:s3cret-pw@127.0.0.1:6379/2"})
+    assert address.password == "s3cret-pw"
+    assert address.db == 2
+    assert "s3cret-pw" not in repr(address)
+    assert "s3cret-pw" not in str(
+        FanoutChannelLayer(hosts=[{"address": "redis://:s3cret-pw@h/0"}]).address
+    )
+
+
+async def test_deployments_sharing_one_redis_never_see_each_others_messages(
+    redis_url: str,
+) -> None:
+    """Pub/sub ignores database numbers: the channel names carry them, with CHANNEL_PREFIX."""
+    base = redis_url.rsplit("/", 1)[0]
+    deployments = {
+        "db0": FanoutChannelLayer(hosts=[{"address": f"{base}/0"}], prefix="switchboard"),
+        "db1": FanoutChannelLayer(hosts=[{"address": f"{base}/1"}], prefix="switchboard"),
+        "prefix-a": FanoutChannelLayer(hosts=[{"address": f"{base}/0"}], prefix="a"),
+        "prefix-b": FanoutChannelLayer(hosts=[{"address": f"{base}/0"}], prefix="b"),
+    }
+    try:
+        members = {}
+        for name, layer in deployments.items():
+            members[name] = await layer.new_channel()
+            await layer.group_add("lobby", members[name])
+            named = asyncio.ensure_future(layer.receive("jobs"))
+            members[name + ":jobs"] = named
+        await asyncio.sleep(0.2)  # the named channels are subscribed on first receive
+        for name, layer in deployments.items():
+            await layer.group_send("lobby", {"type": "chat", "from": name})
+            await layer.send("jobs", {"type": "job", "from": name})
+        for name, layer in deployments.items():
+            got = [await asyncio.wait_for(layer.receive(members[name]), 2)]
+            with pytest.raises(TimeoutError):  # nothing from the other deployments
+                got.append(await asyncio.wait_for(layer.receive(members[name]), 0.5))
+            assert got == [{"type": "chat", "from": name}]
+            assert await asyncio.wait_for(members[name + ":jobs"], 2) == {
+                "type": "job",
+                "from": name,
+            }
+        # Process-specific channels too: another deployment's send reaches no one.
+        before = layer_stats.stats()["undeliverable"]
+        await deployments["db1"].send(members["db0"], {"type": "stray"})
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(deployments["db0"].receive(members["db0"]), 0.5)
+        assert layer_stats.stats()["undeliverable"] == before
+    finally:
+        for layer in deployments.values():
+            await layer.flush()

@@ -78,6 +78,8 @@ def test_rediss_url_with_password_reaches_the_channel_layer_config() -> None:
         ("CHANNEL_CAPACITY", "lots", "not an integer"),
         ("DJANGO_DEBUG", "maybe", "not a boolean"),
         ("REDIS_SOCKET_TIMEOUT", "3", "must exceed"),
+        ("REDIS_TOPOLOGY", "ring", "expected one of"),
+        ("REDIS_TOPOLOGY", "sentinel", "needs REDIS_SENTINELS"),
     ],
 )
 def test_bad_values_fail_at_start_with_a_clear_message(name: str, value: str, message: str) -> None:
@@ -104,3 +106,23 @@ def test_readme_settings_table_is_generated_from_the_one_table() -> None:
     assert env.with_table(readme) == readme, "README drifted: run `make settings-table`"
     for setting in env.SETTINGS:
         assert f"| `{setting.name}` |" in readme
+
+
+def test_the_topology_settings_reach_the_layer_and_other_layers_refuse_them() -> None:
+    code = (
+        "import django; django.setup(); from django.conf import settings; "
+        "c = settings.CHANNEL_LAYERS['default']['CONFIG']; "
+        "print(c['topology'], c['sentinels'], c['sentinel_master'], c['prefix'])"
+    )
+    topology = {
+        "REDIS_TOPOLOGY": "sentinel",
+        "REDIS_SENTINELS": "10.0.0.1:26379,10.0.0.2:26379",
+        "REDIS_SENTINEL_MASTER": "chat",
+        "CHANNEL_PREFIX": "staging",
+    }
+    result = django_python(code, **PRODUCTION, **topology)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["sentinel", "10.0.0.1:26379,10.0.0.2:26379", "chat", "staging"]
+    refused = django_python(code, **PRODUCTION, REDIS_TOPOLOGY="cluster", CHANNEL_LAYER="redis")
+    assert refused.returncode != 0
+    assert "REDIS_TOPOLOGY=cluster needs CHANNEL_LAYER=fanout" in refused.stderr
