@@ -61,6 +61,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import time
 import types
@@ -74,6 +75,14 @@ from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from channels_redis.utils import decode_hosts
 
+from channel_layer.history import (
+    APPEND_SCRIPT,
+    READ_SCRIPT,
+    HistoryPage,
+    Position,
+    Script,
+    parse_entries,
+)
 from channel_layer.stats import STATS, stats
 from channel_layer.topology import PRIMARY, Node, SentinelTopology, make_topology
 from channel_layer.transport import RedisAddress, RedisRedirect, RedisUnavailable, RespConnection
@@ -98,6 +107,35 @@ MAX_PUBLISHERS_TRACKED = 1024
 #: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
 #: means a dead peer (a half-open TCP connection never reports itself).
 PING_INTERVAL = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """Where and how a recorded publish keeps its message (``channel_layer.history.APPEND``)."""
+
+    keys: list[bytes]
+    size: int
+    ttl_ms: int
+
+    def append_args(
+        self, channel: bytes, header: bytes, payload: bytes, publish_command: str
+    ) -> list[Any]:
+        fresh_epoch = uuid.uuid4().hex[:12]
+        return [
+            *self.keys,
+            channel,
+            header,
+            payload,
+            self.size,
+            self.ttl_ms,
+            fresh_epoch,
+            publish_command,
+        ]
+
+
+def _no_script(error: Exception) -> bool:
+    """Whether an error reply says the server does not have the script (not executed)."""
+    return "NOSCRIPT" in str(error)
 
 
 class _Mailbox:
@@ -451,7 +489,12 @@ class _LoopState:
             self.refreshing = self.loop.create_task(self.topology.refresh())
 
     # -- publishing ------------------------------------------------------------------------------
-    async def publish(self, channel: bytes, payload: bytes) -> int:
+    async def publish(
+        self, channel: bytes, payload: bytes, recording: Recording | None = None
+    ) -> Any:
+        """PUBLISH (SPUBLISH) ``payload`` to ``channel``; answers the number of receivers. With a
+        ``recording``, the message is appended to that history and published by one script
+        (:mod:`channel_layer.history`), which answers ``[offset, epoch, receivers]``."""
         loop = self.loop
         if not self.topology.sharded:
             # While this process's own subscriptions are down, or other processes may still be
@@ -460,7 +503,7 @@ class _LoopState:
             if shard is not None and (shard.down or loop.time() < shard.recovering_until):
                 STATS.publish_failures += 1
                 raise RedisUnavailable("channel layer: re-subscribing after an outage")
-            return await self._publish_to(PRIMARY, channel, payload)
+            return await self._publish_to(PRIMARY, channel, payload, recording=recording)
         try:
             await self.topology.start()
             node = self.topology.node_for(channel)
@@ -470,7 +513,7 @@ class _LoopState:
             raise RedisUnavailable(f"channel layer: no owner for {channel!r}: {exc}") from exc
         await self._settle(channel, node)
         try:
-            return await self._publish_to(node, channel, payload)
+            return await self._publish_to(node, channel, payload, recording=recording)
         except RedisRedirect:
             # Not executed: the slot moved. Follow it, give the subscribers the same time to
             # follow, and send it once more (a second redirect is a failure).
@@ -478,7 +521,7 @@ class _LoopState:
             await self.topology.refresh()
             node = self.topology.node_for(channel)
             await self._settle(channel, node)
-            return await self._publish_to(node, channel, payload, resend=True)
+            return await self._publish_to(node, channel, payload, resend=True, recording=recording)
 
     async def _settle(self, channel: bytes, node: Node) -> None:
         """When a channel's owner changed since this process last published to it (failover,
@@ -497,19 +540,36 @@ class _LoopState:
                 del self.settle_until[channel]
 
     async def _publish_to(
-        self, node: Node, channel: bytes, payload: bytes, *, resend: bool = False
-    ) -> int:
+        self,
+        node: Node,
+        channel: bytes,
+        payload: bytes,
+        *,
+        resend: bool = False,
+        recording: Recording | None = None,
+    ) -> Any:
         try:
             connection = self.publishers.get(node)
             if connection is None or not connection.is_open:
                 connection = await self._publisher(node)
             # Sequence numbers per channel let receivers count what never reached them.
             seq = self.sent_seq.get(channel, 0) + 1
-            reply = connection.request(
-                self.publish_command, channel, b"%s %d\n" % (self.token.encode(), seq) + payload
-            )
+            header = b"%s %d\n" % (self.token.encode(), seq)
+            if recording is None:
+                reply = connection.request(self.publish_command, channel, header + payload)
+            else:
+                args = recording.append_args(channel, header, payload, self.publish_command)
+                reply = connection.request("EVALSHA", APPEND_SCRIPT.sha, 2, *args)
             self.sent_seq[channel] = seq
-            receivers = await reply
+            try:
+                receivers = await reply
+            except RedisUnavailable as exc:
+                if recording is None or not _no_script(exc):
+                    raise
+                # Not executed (a restarted or new server): load the script, send it again.
+                receivers = await connection.call(
+                    self.layer.address.timeout, "EVAL", APPEND_SCRIPT.source, 2, *args
+                )
         except RedisRedirect:
             if resend:
                 STATS.publish_failures += 1
@@ -522,6 +582,33 @@ class _LoopState:
             raise
         STATS.published += 1
         return receivers
+
+    async def read(self, channel: bytes, script: Script, keys: list[bytes], *args: Any) -> Any:
+        """Run a read-only ``script`` on the server that owns ``channel`` (one MOVED is
+        followed)."""
+        for attempt in (1, 2):
+            try:
+                await self.topology.start()
+                node = self.topology.node_for(channel)
+                connection = self.publishers.get(node)
+                if connection is None or not connection.is_open:
+                    connection = await self._publisher(node)
+                timeout = self.layer.address.timeout
+                try:
+                    return await connection.call(
+                        timeout, "EVALSHA", script.sha, len(keys), *keys, *args
+                    )
+                except RedisUnavailable as exc:
+                    if not _no_script(exc):
+                        raise
+                    return await connection.call(
+                        timeout, "EVAL", script.source, len(keys), *keys, *args
+                    )
+            except RedisRedirect:
+                if attempt == 2:
+                    raise
+                await self.topology.refresh()
+        raise AssertionError("unreachable")
 
     # -- subscribing -----------------------------------------------------------------------------
     def _shard(self, node: Node) -> _Shard:
@@ -708,10 +795,13 @@ class FanoutChannelLayer(BaseChannelLayer):
         self.prefix = prefix
         self.namespace = f"{prefix}:{self.address.db}"
         self.group_prefix = f"{self.namespace}:g:{{".encode()
+        self.history_prefix = f"{self.namespace}:h".encode()
         self.named_prefix = f"{self.namespace}:c:{{".encode()
         self._serializer = registry.get_serializer(
             serializer_format, symmetric_encryption_keys=symmetric_encryption_keys
         )
+        # History scripts edit messages as MessagePack inside Redis.
+        self._records = serializer_format == "msgpack" and not symmetric_encryption_keys
         self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
             weakref.WeakKeyDictionary()
         )
@@ -858,6 +948,57 @@ class FanoutChannelLayer(BaseChannelLayer):
         assert isinstance(message, dict), "message is not a dict"
         self.require_valid_group_name(group)
         await self._state().publish(self.group_channel(group), self.serialize(message))
+
+    # -- history (channel_layer.history) ---------------------------------------------------------
+    def history_keys(self, group: str) -> list[bytes]:
+        """The group's stream and metadata keys: the channel's namespace and hash tag."""
+        tag = group.encode() + b"}"
+        return [self.history_prefix + b"s:{" + tag, self.history_prefix + b"m:{" + tag]
+
+    async def group_send_recorded(
+        self, group: str, message: dict[str, Any], *, size: int, ttl: float
+    ) -> Position:
+        """``group_send`` that also appends the message to the group's history, atomically:
+        every member receives it with ``offset`` and ``epoch`` added, and a later
+        :meth:`group_history` returns it with the same fields. Raises like ``group_send``."""
+        assert isinstance(message, dict), "message is not a dict"
+        self.require_valid_group_name(group)
+        if not self._records:
+            raise ValueError("history needs the msgpack serializer without encryption")
+        recording = Recording(self.history_keys(group), size, int(ttl * 1000))
+        reply = await self._state().publish(
+            self.group_channel(group), self.serialize(message), recording
+        )
+        offset, epoch = reply[0], reply[1]
+        return Position(int(offset), epoch.decode() if isinstance(epoch, bytes) else epoch)
+
+    async def group_history(
+        self,
+        group: str,
+        *,
+        since: int | None = None,
+        last: int | None = None,
+        ttl: float,
+    ) -> HistoryPage:
+        """The group's epoch and latest offset, with every kept message after offset ``since``
+        or the ``last`` N, oldest first (:meth:`HistoryPage.covers` says whether a resume is
+        complete)."""
+        mode, count = ("since", since) if since is not None else ("last", last)
+        if count is None or count < 0:
+            raise ValueError("group_history needs since >= 0 or last >= 0")
+        epoch, offset, entries = await self._state().read(
+            self.group_channel(group),
+            READ_SCRIPT,
+            self.history_keys(group),
+            mode,
+            count,
+            int(ttl * 1000),
+        )
+        return HistoryPage(
+            epoch.decode() if isinstance(epoch, bytes) else epoch,
+            int(offset),
+            parse_entries(entries, self.deserialize),
+        )
 
     async def flush(self) -> None:
         state = self._states.pop(asyncio.get_running_loop(), None)

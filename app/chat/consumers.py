@@ -6,6 +6,7 @@ import contextlib
 import logging
 import uuid
 from typing import Any
+from urllib.parse import parse_qs
 
 from django.conf import settings
 
@@ -16,18 +17,20 @@ from chat.protocol import (
     ErrorCode,
     PresenceQuery,
     ProtocolError,
+    RecoveryRequest,
     is_valid_room,
     parse_client_frame,
+    parse_recovery,
     room_group,
 )
 from realtime import jsonframes
-from realtime.consumers import GroupMemberConsumer
+from realtime.consumers import CLOSE_TRY_AGAIN_LATER, GroupMemberConsumer
 from realtime.identity import process_id
 from realtime.ratelimit import TokenBucket
 
 logger = logging.getLogger("chat")
 
-#: Close code for a refused room name (4000-4999 are the application's).
+#: Close code for a refused room name or recovery request (4000-4999 are the application's).
 CLOSE_INVALID_ROOM = 4400
 #: Close code for a connection that kept flooding past its rate limit (RFC 6455).
 CLOSE_POLICY_VIOLATION = 1008
@@ -45,16 +48,25 @@ class ChatConsumer(GroupMemberConsumer):
                 CLOSE_INVALID_ROOM,
             )
             return
+        query = parse_qs(self.scope.get("query_string", b"").decode("latin-1"))
+        try:
+            recovery = parse_recovery(query, max_history=settings.CHAT_HISTORY_MAX)
+        except ProtocolError as error:
+            await self.refuse(error.code, error.detail, CLOSE_INVALID_ROOM)
+            return
         user = self.scope.get("user")
         self.username = user.username if user is not None and user.is_authenticated else "anonymous"
         self.bucket = TokenBucket(settings.CHAT_RATE_PER_SECOND, settings.CHAT_RATE_BURST)
         self.refused_in_a_row = 0
         self.flood_closed = False
         self.presence_events = False  # join/leave events, once the client asked for presence
+        self.replayed_through: tuple[str, int] | None = None  # see _recover
         self.group = room_group(self.room)
         await self.join(self.group)
         await self.accept()
         logger.info("connect %s room=%s user=%s", self.client, self.room, self.username)
+        if recovery is not None and not await self._recover(recovery):
+            return
         try:
             change = await presence.enter(self.room, self.username, self.channel_name)
         except Exception as exc:  # best effort: the next refresh writes the entry
@@ -62,6 +74,55 @@ class ChatConsumer(GroupMemberConsumer):
         else:
             if change.user_connections == 1 and change.announce():
                 await self._announce("presence.join")
+
+    async def _recover(self, request: RecoveryRequest) -> bool:
+        """Replay what the client asked for, then the ``recovery`` frame; ``False`` when the
+        connection was closed instead (bad ``since``, or the history could not be read).
+
+        The socket joined the room before the history is read, so a message published
+        meanwhile is both in the replay and waiting in this consumer's mailbox: live delivery
+        resumes strictly after the offset the replay reached (:meth:`chat_message`).
+        """
+        read = getattr(self.channel_layer, "group_history", None)
+        if settings.CHAT_HISTORY_SIZE == 0 or read is None:
+            # No history kept: a resume cannot be served; a history request has all there is.
+            await self._send_recovery(request.history is not None, "", 0)
+            return True
+        try:
+            if request.history is not None:
+                page = await read(self.group, last=request.history, ttl=settings.CHAT_HISTORY_TTL)
+            else:
+                page = await read(self.group, since=request.since, ttl=settings.CHAT_HISTORY_TTL)
+        except Exception as exc:
+            logger.warning("history unavailable for room=%s (%s)", self.room, type(exc).__name__)
+            await self.send_error(
+                ErrorCode.UNAVAILABLE,
+                "The server cannot read this room's history right now; reconnect shortly.",
+            )
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return False
+        recovered = True
+        if request.since is not None:
+            same_epoch = page.epoch == request.epoch
+            if same_epoch and request.since > page.offset:
+                await self.send_error(
+                    ErrorCode.INVALID_SINCE,
+                    f"since={request.since} is past this room's latest offset ({page.offset}).",
+                )
+                await self.close(code=CLOSE_INVALID_ROOM)
+                return False
+            # Never a partial replay that looks complete: all of the gap, or nothing.
+            recovered = same_epoch and page.covers(request.since)
+        if recovered:
+            for event in page.messages:
+                await self.send_frame(encoded_frame(event))
+        self.replayed_through = (page.epoch, page.offset)
+        await self._send_recovery(recovered, page.epoch, page.offset)
+        return True
+
+    async def _send_recovery(self, recovered: bool, epoch: str, offset: int) -> None:
+        frame = {"type": "recovery", "recovered": recovered, "epoch": epoch, "offset": offset}
+        await self.send_frame(jsonframes.dumps(frame))
 
     async def disconnect(self, code: int) -> None:
         if getattr(self, "group", None):
@@ -131,7 +192,15 @@ class ChatConsumer(GroupMemberConsumer):
         try:
             if not keeper.available:  # Redis down, or memberships not restored yet
                 raise ConnectionError("channel layer recovering")
-            await self.channel_layer.group_send(self.group, event)
+            if settings.CHAT_HISTORY_SIZE and hasattr(self.channel_layer, "group_send_recorded"):
+                await self.channel_layer.group_send_recorded(
+                    self.group,
+                    event,
+                    size=settings.CHAT_HISTORY_SIZE,
+                    ttl=settings.CHAT_HISTORY_TTL,
+                )
+            else:
+                await self.channel_layer.group_send(self.group, event)
         except Exception as exc:  # Redis unreachable: the sender is told, nothing is queued
             logger.info("group_send refused for room=%s (%s)", self.room, type(exc).__name__)
             keeper.poke()
@@ -165,6 +234,10 @@ class ChatConsumer(GroupMemberConsumer):
         )
 
     async def chat_message(self, event: dict[str, Any]) -> None:
+        if self.replayed_through is not None:
+            epoch, offset = self.replayed_through
+            if event.get("epoch") == epoch and event.get("offset", 0) <= offset:
+                return  # the replay sent it (or the client reloads it: recovered false)
         await self.send_frame(encoded_frame(event))
 
 

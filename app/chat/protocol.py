@@ -31,6 +31,8 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"
     INVALID_ROOM = "invalid_room"
     UNAVAILABLE = "unavailable"
+    INVALID_SINCE = "invalid_since"
+    INVALID_HISTORY = "invalid_history"
 
 
 #: The internal events a chat consumer handles, and what each must carry: a ``chat.message``
@@ -40,7 +42,7 @@ class ErrorCode(StrEnum):
 EVENT_SCHEMAS = {
     "chat.message": EventSchema(
         required={"id": str, "message": str, "user": str, "room": str, "sent_by": str},
-        optional={"ref": str},
+        optional={"ref": str, "offset": int, "epoch": str},
     ),
     "presence.join": EventSchema(required={"user": str, "room": str}),
     "presence.leave": EventSchema(required={"user": str, "room": str}),
@@ -63,6 +65,44 @@ class ChatMessage:
 @dataclass(frozen=True)
 class PresenceQuery:
     """``{"type": "presence"}``: who is in the room."""
+
+
+@dataclass(frozen=True)
+class RecoveryRequest:
+    """What a connect asked to be replayed: everything after ``since`` in ``epoch`` (resume), or
+    the ``history`` last messages."""
+
+    since: int | None = None
+    epoch: str | None = None
+    history: int | None = None
+
+
+#: Epochs are short hex strings; anything longer is not one of ours.
+MAX_EPOCH_CHARS = 64
+
+
+def parse_recovery(query: dict[str, list[str]], *, max_history: int) -> RecoveryRequest | None:
+    """``?since=<offset>&epoch=<epoch>`` or ``?history=<n>`` from a connect's query string."""
+    since, epoch, history = query.get("since"), query.get("epoch"), query.get("history")
+    if since is None and history is None:
+        return None
+    if since is not None and history is not None:
+        raise ProtocolError(ErrorCode.INVALID_SINCE, "Ask for since or for history, not both.")
+    if history is not None:
+        value = history[-1]
+        if not (value.isascii() and value.isdigit()) or int(value) > max_history:
+            raise ProtocolError(
+                ErrorCode.INVALID_HISTORY, f"history must be an integer from 0 to {max_history}."
+            )
+        return RecoveryRequest(history=int(value))
+    value = since[-1]  # type: ignore[index]
+    if not (value.isascii() and value.isdigit()) or len(value) > 18:
+        raise ProtocolError(ErrorCode.INVALID_SINCE, "since must be a non-negative integer offset.")
+    if epoch is None or not epoch[-1] or len(epoch[-1]) > MAX_EPOCH_CHARS:
+        raise ProtocolError(
+            ErrorCode.INVALID_SINCE, "since needs the epoch its offset was seen in (&epoch=)."
+        )
+    return RecoveryRequest(since=int(value), epoch=epoch[-1])
 
 
 def is_valid_room(name: str) -> bool:

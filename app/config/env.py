@@ -186,6 +186,26 @@ SETTINGS: tuple[Setting, ...] = (
         "connection is closed with 1008.",
     ),
     Setting(
+        "CHAT_HISTORY_SIZE",
+        "200",
+        DJANGO,
+        "Messages kept per room for resume (`?since=`) and `?history=`; 0 turns history off "
+        "(frames then carry no `offset`/`epoch`).",
+    ),
+    Setting(
+        "CHAT_HISTORY_TTL",
+        "86400",
+        DJANGO,
+        "Seconds a room's message stays in its history (the room's history goes 24 h after its "
+        "last message).",
+    ),
+    Setting(
+        "CHAT_HISTORY_MAX",
+        "100",
+        DJANGO,
+        "Largest `?history=N` a client may ask for on connect.",
+    ),
+    Setting(
         "PRESENCE_TTL",
         "30",
         DJANGO,

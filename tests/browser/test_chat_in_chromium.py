@@ -182,3 +182,47 @@ def test_two_users_chat_and_survive_their_worker_dying(
             "then_delivered_by": after["delivered_by"],
         },
     )
+
+
+def test_a_page_whose_worker_dies_misses_nothing(
+    browser_stack: RunningStack, chromium: tuple[object, Browser]
+) -> None:
+    """Kill the worker one page is connected to while the other page sends 5 messages: after
+    its reconnect (a resume from the last offset it showed) the first page shows all 5, in
+    order, once each."""
+    stack = browser_stack
+    _, browser = chromium
+    for name in ("lin", "max"):
+        stack.create_user(name)
+    lin, max_ = open_chat_as(browser, stack, "lin"), open_chat_as(browser, stack, "max")
+    say(lin, "where are you")
+    where = message(max_, "where are you")
+    victim = int(where["delivered_by"].rsplit(":", 1)[1])
+    lin_pid = int(message(lin, "where are you")["delivered_by"].rsplit(":", 1)[1])
+    max_.evaluate(RECORD_STATES)
+
+    os.kill(victim, signal.SIGKILL)
+    # Keep max's page away while lin sends: its browser goes offline until all 5 are accepted
+    # (as a phone losing its network would), so they can only reach it by the resume.
+    max_.wait_for_function("() => window.__states.includes('reconnecting')", timeout=30000)
+    max_.context.set_offline(True)
+    if lin_pid == victim:  # lin's page lost its worker too: its form waits for the socket
+        lin.wait_for_function(
+            "() => document.getElementById('status').dataset.state === 'open'", timeout=30000
+        )
+        expect(lin.locator("#status")).to_have_attribute("data-state", "open", timeout=30000)
+    sent = [f"while away {n}" for n in range(5)]
+    for text in sent:
+        say(lin, text)
+        message(lin, text)  # accepted: lin's own copy came back
+    max_.context.set_offline(False)
+    max_.wait_for_function(
+        "() => document.getElementById('status').dataset.state === 'open'", timeout=30000
+    )
+    for text in sent:
+        expect(max_.locator("li.message", has_text=text)).to_have_count(1, timeout=15000)
+    texts = max_.locator("li.message .text").all_inner_texts()
+    assert [t for t in texts if t.startswith("while away")] == sent
+    assert texts.count("where are you") == 1  # nothing shown twice after the resume
+    expect(max_.locator("li.notice")).to_have_count(0)  # recovered, not reloaded
+    max_.screenshot(path=str(SHOTS / "4-max-after-resume.png"), full_page=True)

@@ -3,8 +3,8 @@
 ``supervisorctl restart appN`` sends gunicorn TERM: its workers stop accepting, close their
 websockets with 1012 ("service restart") and exit; supervisord then starts the replica again.
 The restarting replica's clients must see 1012 or 1001, never 1006, and reconnect through nginx
-to another replica; the other replicas' clients lose nothing; at every moment at least one
-replica is ready.
+to another replica, resuming from the last offset they saw; every client ends with every
+message, none twice; at every moment at least one replica is ready.
 """
 
 from __future__ import annotations
@@ -119,9 +119,16 @@ async def test_rolling_restart_one_replica_at_a_time(fault_stack: RunningStack) 
             await sender.stop()
 
             for client in staying:
+                assert len(client.closes) == closes_before[client.name]
+            # Every client, the restarted replica's included (they resumed from the last offset
+            # they saw), has every message, none twice.
+            await asyncio.gather(*(c.wait_for_ref(sent[-1]) for c in leaving))
+            for client in clients:
                 missing = set(sent) - client.refs
                 assert not missing, f"{client.name} lost {sorted(missing)} ({program} restarting)"
-                assert len(client.closes) == closes_before[client.name]
+                assert client.duplicates == 0, f"{client.name} got a message twice"
+            resumed = [r for c in leaving for r in c.recoveries[-1:]]
+            assert all(r["recovered"] for r in resumed), resumed
             codes = [c.closes[-1][1] for c in leaving]
             assert set(codes) <= GOING_AWAY, f"{program}'s clients were closed with {codes}"
             reconnect = [c.reopened[-1] - c.closes[-1][0] for c in leaving]
@@ -138,6 +145,10 @@ async def test_rolling_restart_one_replica_at_a_time(fault_stack: RunningStack) 
                     "replica_ready_again_after_s": round(back_after, 2),
                     "messages_sent": len(sent),
                     "messages_lost_elsewhere": 0,
+                    "messages_accepted": len(sent),
+                    "messages_lost_by_restarted_replicas_clients": 0,
+                    "resumes_recovered": sum(r["recovered"] for r in resumed),
+                    "resumes_reported_lost": sum(not r["recovered"] for r in resumed),
                 }
             )
     finally:

@@ -1,7 +1,8 @@
 """SIGKILL one uvicorn worker in the middle of a fan-out.
 
 Gunicorn replaces it; clients on every other worker get every message; the killed worker's
-clients see their connection drop and reconnect as the chat page does. The test measures how
+clients see their connection drop, reconnect as the chat page does and resume from the last
+offset they saw: they too end with every message, none twice. The test measures how
 long gunicorn takes to have a new worker serving and how long the clients take to be back.
 """
 
@@ -103,6 +104,14 @@ async def test_killed_worker_is_replaced_and_its_clients_reconnect(
         after = await locate(clients, probe=sender)
         for client in victims:  # ... and receive again, from a live worker
             assert after[client.name] != victim
+        # ... and, by resuming from the last offset they saw, got every message sent while
+        # they were away: every client has every message, none twice.
+        for client in clients:
+            missing = set(sent) - client.refs
+            assert not missing, f"{client.name} lost {sorted(missing)}"
+            assert client.duplicates == 0, f"{client.name} got {client.duplicates} twice"
+        resumed = [r for c in victims for r in c.recoveries]
+        assert resumed and all(r["recovered"] for r in resumed), resumed
 
         # Gunicorn replaced exactly the killed worker; nothing else died.
         now = {name: stack.worker_pids(name) for name in ("app1", "app2")}
@@ -123,6 +132,11 @@ async def test_killed_worker_is_replaced_and_its_clients_reconnect(
                 "survivor_clients": len(survivors),
                 "messages_sent": len(sent),
                 "messages_lost_by_survivors": 0,
+                "messages_accepted": len(sent),
+                "messages_delivered_to_every_client": len(sent),
+                "victim_resumes_recovered": sum(r["recovered"] for r in resumed),
+                "victim_resumes_reported_lost": sum(not r["recovered"] for r in resumed),
+                "duplicates": 0,
                 "victim_close_codes": sorted({c.closes[0][1] for c in victims}),
                 "worker_forked_after_s": round(forked_after, 3),
                 "worker_respawn_s": round(respawn, 3),

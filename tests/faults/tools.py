@@ -41,7 +41,14 @@ def record_figures(name: str, figures: dict[str, Any]) -> None:
 
 
 class ChatClient:
-    """One chat page's websocket: records frames and closes; reconnects like chat.js."""
+    """One chat page's websocket: records frames and closes; reconnects like chat.js.
+
+    It also recovers like chat.js: after a reconnect it resumes from the last offset it saw
+    (``?since=&epoch=``), and a live message whose offset skips ahead (a gap) or that starts a
+    new epoch makes it resume at once. A message it already has is not recorded twice but
+    counted (``duplicates``); ``recovery`` frames are kept (``recoveries``), and those with
+    ``recovered: false`` are the losses the server reported.
+    """
 
     def __init__(
         self,
@@ -70,16 +77,45 @@ class ChatClient:
         self._reader: asyncio.Task[None] | None = None
         self._stopping = False
         self._arrived = asyncio.Event()
+        #: The history position this client has everything up to (set by the first message).
+        self.epoch: str | None = None
+        self.offset = 0
+        self.seen: set[tuple[str, int]] = set()
+        self.duplicates = 0
+        self.recoveries: list[dict[str, Any]] = []
+        #: Resumes started by a live gap or a new epoch (not by a lost connection).
+        self.gap_resumes = 0
+
+    def _path(self) -> str:
+        path = room_path(self.room)
+        if self.epoch:
+            path += f"?since={self.offset}&epoch={self.epoch}"
+        return path
 
     async def _open(self) -> websockets.ClientConnection:
         if self.url is None:
-            return await self.stack.connect(room_path(self.room), **self.connect_kwargs)
+            return await self.stack.connect(self._path(), **self.connect_kwargs)
         return await websockets.connect(
-            self.url + room_path(self.room),
+            self.url + self._path(),
             origin=self.stack.origin,
             open_timeout=10,
             **self.connect_kwargs,
         )
+
+    def _position(self, frame: dict[str, Any]) -> str:
+        """``"new"``, ``"duplicate"`` or ``"gap"`` for a chat message with an offset."""
+        epoch, offset = frame["epoch"], frame["offset"]
+        if (epoch, offset) in self.seen:
+            return "duplicate"
+        if self.epoch is None:  # the first message this client sees: it starts from there
+            self.epoch, self.offset = epoch, offset - 1
+        elif epoch != self.epoch:  # history lost (Redis emptied): start the new epoch over
+            self.epoch, self.offset = epoch, 0
+        if offset > self.offset + 1:
+            return "gap"
+        self.seen.add((epoch, offset))
+        self.offset = max(self.offset, offset)
+        return "new"
 
     async def start(self) -> ChatClient:
         self.ws = await self._open()
@@ -101,6 +137,24 @@ class ChatClient:
                 await self._reconnect()
                 continue
             frame = json.loads(raw)
+            if frame.get("type") == "recovery":
+                self.recoveries.append(frame)
+                if not frame["recovered"]:  # reported lost: go on from where the room is
+                    self.epoch, self.offset = frame["epoch"] or None, frame["offset"]
+            if frame.get("type") == "chat.message" and "offset" in frame:
+                position = self._position(frame)
+                if position == "duplicate":
+                    self.duplicates += 1
+                    continue
+                if position == "gap":
+                    self.gap_resumes += 1
+                    with contextlib.suppress(Exception):
+                        await self.ws.close()
+                    try:
+                        self.ws = await self._open()
+                    except (OSError, TimeoutError, websockets.InvalidHandshake):
+                        await self._reconnect()
+                    continue
             self.frames.append(frame)
             if frame.get("type") == "chat.message" and "ref" in frame:
                 self.arrived_at.setdefault(frame["ref"], time.monotonic())

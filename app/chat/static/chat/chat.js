@@ -1,5 +1,8 @@
 // Switchboard chat client: reconnects with jittered exponential backoff and shows, for every
 // message, which server process accepted it (sent_by) and which one delivered it (delivered_by).
+// After any reconnect it resumes from the last offset it showed (?since=&epoch=), shows no
+// message twice (by id) and reloads the recent history when the server says it could not
+// recover the gap.
 "use strict";
 (function () {
   const room = JSON.parse(document.getElementById("room-name").textContent);
@@ -11,6 +14,13 @@
   const presenceUsers = document.getElementById("presence-users");
   const scheme = window.location.protocol === "https:" ? "wss://" : "ws://";
   const url = scheme + window.location.host + "/ws/chat/" + encodeURIComponent(room) + "/";
+  const HISTORY_ON_LOAD = 50;
+  const HISTORY_ON_RELOAD = 100; // the server's CHAT_HISTORY_MAX
+  const SHOWN_IDS_KEPT = 2000;
+  let epoch = null; // the room's history epoch and the last offset shown in it
+  let lastOffset = 0;
+  let reload = false; // the next connect asks for the recent history instead of resuming
+  const shownIds = new Set();
 
   // Presence is asked for on connect, whenever someone comes or goes, and every 30 s (a user
   // whose server crashed sends no presence.leave: the server forgets them within PRESENCE_TTL).
@@ -40,8 +50,30 @@
     return item;
   }
 
+  function connectUrl() {
+    if (epoch && !reload) {
+      return url + "?since=" + lastOffset + "&epoch=" + encodeURIComponent(epoch);
+    }
+    return url + "?history=" + (reload ? HISTORY_ON_RELOAD : HISTORY_ON_LOAD);
+  }
+
   function show(data) {
     if (data.type === "chat.message") {
+      if (typeof data.offset === "number") {
+        if (epoch === "" && data.epoch) {
+          epoch = data.epoch; // the room had no history when we joined: this starts it
+        }
+        if (data.epoch === epoch) {
+          lastOffset = Math.max(lastOffset, data.offset);
+        }
+      }
+      if (shownIds.has(data.id)) {
+        return; // a reload's history overlaps what is already on the page
+      }
+      shownIds.add(data.id);
+      if (shownIds.size > SHOWN_IDS_KEPT) {
+        shownIds.delete(shownIds.values().next().value);
+      }
       const item = append("message", [
         ["user", data.user],
         ["text", data.message],
@@ -50,6 +82,22 @@
       item.dataset.id = data.id;
       item.dataset.deliveredBy = data.delivered_by;
       item.dataset.sentBy = data.sent_by;
+    } else if (data.type === "recovery") {
+      const reloading = reload;
+      reload = false;
+      if (!data.recovered && !reloading) {
+        // The gap could not be replayed (history lost or trimmed): reload what is kept.
+        append("notice", [["text", "Some messages could not be recovered; reloading the recent history."]]);
+        reload = true;
+        socket.close(1000, "reload history");
+        return;
+      }
+      if (epoch !== data.epoch) {
+        epoch = data.epoch;
+        lastOffset = data.offset;
+      } else {
+        lastOffset = Math.max(lastOffset, data.offset);
+      }
     } else if (data.type === "presence") {
       presenceCount.textContent = String(data.count);
       presenceUsers.textContent = data.users
@@ -78,7 +126,7 @@
 
   function connect() {
     setStatus("connecting", "connecting…");
-    socket = new WebSocket(url);
+    socket = new WebSocket(connectUrl());
     socket.addEventListener("open", function () {
       attempt = 0;
       setStatus("open", "connected");
@@ -92,6 +140,10 @@
       }
     });
     socket.addEventListener("close", function (event) {
+      if (reload) {
+        connect(); // our own close, to reload the history: at once
+        return;
+      }
       if (event.code >= 4000 && event.code < 5000) {
         setStatus("closed", "closed (" + event.code + ")");
         return; // refused by the application: retrying would not help
