@@ -2,7 +2,8 @@
 
 A message sent with :meth:`~channel_layer.layer.FanoutChannelLayer.group_send_recorded` gets a
 position in its group: ``offset`` (+1 per message) and ``epoch`` (changes whenever the group's
-history was lost: Redis emptied or restarted, the history expired). One Lua script (:data:`APPEND`)
+history was lost or may have been: Redis emptied or restarted, the history expired, a replica
+promoted in a failover). One Lua script (:data:`APPEND`)
 numbers the message, stores it in the group's stream and publishes it, so an offset can never be
 published out of order or skipped unseen; the stored copy is exactly what was published.
 
@@ -24,16 +25,24 @@ import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
-#: KEYS[1] stream, KEYS[2] metadata (epoch, offset). ARGV[1] channel, ARGV[2] the layer's header
+#: The server's replication id. It changes when a replica is promoted (Sentinel or Cluster
+#: failover) or a server restarts: a history written under another id may have lost its last
+#: appends (replication is asynchronous), so it counts as lost -- a new epoch -- rather than
+#: hand out offsets that clients have already seen for other messages.
+_WRITER = """
+local writer = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
+"""
+
+#: KEYS[1] stream, KEYS[2] metadata (epoch, offset, writer). ARGV[1] channel, ARGV[2] the layer's header
 #: (publisher token and sequence number), ARGV[3] the message (MessagePack), ARGV[4] size,
 #: ARGV[5] ttl in ms, ARGV[6] a fresh epoch (used when the group has none), ARGV[7] PUBLISH or
 #: SPUBLISH. Answers {offset, epoch, receivers}.
-APPEND = """
+APPEND = _WRITER + """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
+if not epoch or redis.call('HGET', KEYS[2], 'writer') ~= writer then
   epoch = ARGV[6]
   redis.call('DEL', KEYS[1])
-  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0)
+  redis.call('HSET', KEYS[2], 'epoch', epoch, 'offset', 0, 'writer', writer)
 end
 local offset = redis.call('HINCRBY', KEYS[2], 'offset', 1)
 local message = cmsgpack.unpack(ARGV[3])
@@ -53,9 +62,9 @@ return {offset, epoch, receivers}
 
 #: KEYS as APPEND. ARGV[1] "since" or "last", ARGV[2] the offset or the count, ARGV[3] ttl in ms.
 #: Answers {epoch or "", latest offset, entries newest first}.
-READ = """
+READ = _WRITER + """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
-if not epoch then
+if not epoch or redis.call('HGET', KEYS[2], 'writer') ~= writer then
   return {'', 0, {}}
 end
 local offset = tonumber(redis.call('HGET', KEYS[2], 'offset'))

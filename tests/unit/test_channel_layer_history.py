@@ -121,3 +121,39 @@ async def test_history_on_a_cluster_lives_on_the_groups_shard(cluster: LocalClus
     finally:
         await a.flush()
         await b.flush()
+
+
+async def test_a_promoted_replica_starts_a_new_epoch(tmp_path) -> None:
+    """Replication is asynchronous: a promoted replica may lack the last appends, so it must
+    not go on numbering the old epoch (clients would see an offset twice, for two messages)."""
+    from urllib.parse import urlsplit
+
+    from tests.redis_server import redis_server
+
+    for name in ("master", "replica"):
+        (tmp_path / name).mkdir()
+    with (
+        redis_server(tmp_path / "master") as master_url,
+        redis_server(tmp_path / "replica") as replica_url,
+    ):
+        master = urlsplit(master_url)
+        replica_client = redis.Redis.from_url(replica_url)
+        replica_client.config_set("masterauth", master.password)
+        replica_client.replicaof(master.hostname, master.port)
+        writer = FanoutChannelLayer(hosts=[{"address": master_url}])
+        reader = FanoutChannelLayer(hosts=[{"address": replica_url}])
+        try:
+            positions = await record(writer, "hist-failover", 3)
+            # The history reached the replica...
+            for _ in range(100):
+                if replica_client.exists(*writer.history_keys("hist-failover")) == 2:
+                    break
+                await asyncio.sleep(0.05)
+            replica_client.replicaof("NO", "ONE")  # ... which is then promoted
+            page = await reader.group_history("hist-failover", since=0, ttl=TTL)
+            assert (page.epoch, page.messages) == ("", [])  # not served as if complete
+            (after,) = await record(reader, "hist-failover", 1)
+            assert after.offset == 1 and after.epoch != positions[0].epoch
+        finally:
+            await writer.flush()
+            await reader.flush()
