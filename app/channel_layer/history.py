@@ -33,11 +33,13 @@ _WRITER = """
 local writer = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')
 """
 
-#: KEYS[1] stream, KEYS[2] metadata (epoch, offset, writer). ARGV[1] channel, ARGV[2] the layer's header
-#: (publisher token and sequence number), ARGV[3] the message (MessagePack), ARGV[4] size,
-#: ARGV[5] ttl in ms, ARGV[6] a fresh epoch (used when the group has none), ARGV[7] PUBLISH or
-#: SPUBLISH. Answers {offset, epoch, receivers}.
-APPEND = _WRITER + """
+#: KEYS[1] stream, KEYS[2] metadata (epoch, offset, writer). ARGV[1] channel, ARGV[2] the
+#: layer's header (publisher token and sequence number), ARGV[3] the message (MessagePack),
+#: ARGV[4] size, ARGV[5] ttl in ms, ARGV[6] a fresh epoch (used when the group has none),
+#: ARGV[7] PUBLISH or SPUBLISH. Answers {offset, epoch, receivers}.
+APPEND = (
+    _WRITER
+    + """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch or redis.call('HGET', KEYS[2], 'writer') ~= writer then
   epoch = ARGV[6]
@@ -59,10 +61,13 @@ redis.call('PEXPIRE', KEYS[2], ttl)
 local receivers = redis.call(ARGV[7], ARGV[1], ARGV[2] .. payload)
 return {offset, epoch, receivers}
 """
+)
 
 #: KEYS as APPEND. ARGV[1] "since" or "last", ARGV[2] the offset or the count, ARGV[3] ttl in ms.
 #: Answers {epoch or "", latest offset, entries newest first}.
-READ = _WRITER + """
+READ = (
+    _WRITER
+    + """
 local epoch = redis.call('HGET', KEYS[2], 'epoch')
 if not epoch or redis.call('HGET', KEYS[2], 'writer') ~= writer then
   return {'', 0, {}}
@@ -80,6 +85,7 @@ if count <= 0 then
 end
 return {epoch, offset, redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', count)}
 """
+)
 
 
 @dataclass(frozen=True)

@@ -2,10 +2,11 @@
 
 Each open chat socket is an entry of its room's sorted set (``presence_key``): the member is
 ``<user>\\n<connection id>``, the score the moment the entry expires, by Redis's own clock. A
-worker process refreshes the entries of all its sockets every ``PRESENCE_TTL / 3`` seconds in one
-pipeline, not one task per socket. A socket that closes removes its entry. A worker that dies
-(SIGKILL, OOM) runs no cleanup at all: its entries simply stop being refreshed and drop out of
-every answer within ``PRESENCE_TTL`` -- expiry, not cleanup code that a dead process never runs.
+worker process refreshes the entries of all its sockets every ``PRESENCE_TTL / 3`` seconds, one
+script call per room, not one task per socket. A socket that closes removes its entry. A worker
+that dies (SIGKILL, OOM) runs no cleanup at all: its entries simply stop being refreshed and
+drop out of every answer within ``PRESENCE_TTL`` -- expiry, not cleanup code that a dead
+process never runs.
 
 Join and leave events (``presence.join`` / ``presence.leave``) are per *user*: sent when a user's
 first socket enters the room and when their last one leaves, and only while the room has at most
@@ -25,11 +26,10 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as redis_asyncio
 from django.conf import settings
 
 from config import env
-from config.channel_layers import redis_connection_options
+from config.channel_layers import app_redis_client
 
 logger = logging.getLogger("chat.presence")
 
@@ -74,8 +74,9 @@ return redis.call('ZRANGE', KEYS[1], 0, -1)
 
 
 def presence_key(room: str) -> str:
-    """The room's sorted set. The braces make it a Redis Cluster hash tag: one slot per room."""
-    return f"presence:{{chat.{room}}}"
+    """The room's sorted set, under CHANNEL_PREFIX (deployments sharing a Redis stay apart). The
+    braces are the room channel's Redis Cluster hash tag: one slot per room."""
+    return f"{env.get('CHANNEL_PREFIX')}:presence:{{chat.{room}}}"
 
 
 def user_key(room: str, user: str) -> str:
@@ -99,9 +100,7 @@ class _ProcessPresence:
     """One event loop's Redis client, local entries and refresh task."""
 
     def __init__(self) -> None:
-        self.client = redis_asyncio.Redis.from_url(
-            env.get("REDIS_URL"), **redis_connection_options()
-        )
+        self.client = app_redis_client()
         self.touch = self.client.register_script(_TOUCH)
         self.leave = self.client.register_script(_LEAVE)
         self.list = self.client.register_script(_LIST)
@@ -118,17 +117,17 @@ class _ProcessPresence:
         while True:
             await asyncio.sleep(settings.PRESENCE_TTL / 3)
             try:
-                async with self.client.pipeline(transaction=False) as pipe:
-                    for room, members in list(self.rooms.items()):
-                        if members:
-                            ordered = sorted(members)
-                            await self.touch(
-                                keys=[presence_key(room)]
-                                + [user_key(room, _user_of(m)) for m in ordered],
-                                args=[settings.PRESENCE_TTL, *ordered],
-                                client=pipe,
-                            )
-                    await pipe.execute()
+                await asyncio.gather(
+                    *(
+                        self.touch(
+                            keys=[presence_key(room)]
+                            + [user_key(room, _user_of(m)) for m in sorted(members)],
+                            args=[settings.PRESENCE_TTL, *sorted(members)],
+                        )
+                        for room, members in list(self.rooms.items())
+                        if members
+                    )
+                )
             except Exception as exc:  # Redis down: the next refresh writes them again
                 logger.warning("presence refresh failed (%s)", type(exc).__name__)
 

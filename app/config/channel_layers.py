@@ -113,3 +113,17 @@ def channel_layers_from_env() -> dict[str, Any]:
     if topology == "sentinel" and not env.get_list("REDIS_SENTINELS"):
         raise ImproperlyConfigured("REDIS_TOPOLOGY=sentinel needs REDIS_SENTINELS (host:port,...)")
     return {"default": {"BACKEND": backend, "CONFIG": config}}
+
+
+def app_redis_client(**overrides: Any) -> Any:
+    """A redis-py asyncio client for the app's own keys (presence, probes) that follows
+    REDIS_TOPOLOGY like the layer: the server, the Sentinel's master, or the cluster."""
+    from channel_layer.topology import library_client
+
+    return library_client(
+        env.get("REDIS_TOPOLOGY"),
+        env.get("REDIS_URL"),
+        env.get("REDIS_SENTINELS"),
+        env.get("REDIS_SENTINEL_MASTER"),
+        **(redis_connection_options() | overrides),
+    )

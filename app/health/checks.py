@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import redis.asyncio as aioredis
 from channels.layers import get_channel_layer
@@ -11,9 +12,7 @@ from django.conf import settings
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from channel_layer.topology import library_client
-from config import env
-from config.channel_layers import redis_connection_options
+from config.channel_layers import app_redis_client
 
 _redis: aioredis.Redis | aioredis.RedisCluster | None = None
 
@@ -21,18 +20,12 @@ _redis: aioredis.Redis | aioredis.RedisCluster | None = None
 def _client() -> aioredis.Redis | aioredis.RedisCluster:
     global _redis
     if _redis is None:
-        options = redis_connection_options() | {"socket_timeout": 2, "socket_connect_timeout": 2}
+        options: dict[str, Any] = {"socket_timeout": 2, "socket_connect_timeout": 2}
         options["max_connections"] = 4
         # A probe reports the state now; retrying is the prober's business (and would make a
         # "Redis is down" answer slower than the prober's timeout).
         options["retry"] = Retry(NoBackoff(), 0)
-        _redis = library_client(
-            env.get("REDIS_TOPOLOGY"),
-            env.get("REDIS_URL"),
-            env.get("REDIS_SENTINELS"),
-            env.get("REDIS_SENTINEL_MASTER"),
-            **options,
-        )
+        _redis = app_redis_client(**options)
     return _redis
 
 
