@@ -186,6 +186,47 @@ async def test_slot_migration_of_a_live_room_loses_nothing_silently(
     )
 
 
+async def test_stale_slot_maps_follow_moved_replies(layers, cluster: LocalCluster) -> None:
+    """A process that neither subscribes nor hears of a migration publishes with a stale slot
+    map: the old owner answers MOVED, the publish (not executed) is sent to the new owner and
+    arrives. A process that subscribes with a stale map gets MOVED on its subscription
+    connection and subscribes on the new owner."""
+    a, b = layers
+    from redis.crc import key_slot
+
+    masters = cluster.master_ports()
+    room = rooms_on_every_master(a, cluster, per_master=1)[masters[2]][0]
+    slot = key_slot(a.group_channel(room))
+    target = masters[0]
+    ca = await a.new_channel()
+    await a.group_add(room, ca)
+    # b learns the slot map now (its process channel), then the slot moves.
+    await b.new_channel()
+    await b.group_send(room, {"type": "m", "n": 0})
+    assert (await asyncio.wait_for(a.receive(ca), 5))["n"] == 0
+    await asyncio.to_thread(cluster.move_slot, slot, target)
+    before = layer_stats.stats()
+    await b.group_send(room, {"type": "m", "n": 1})  # stale map: MOVED, sent again
+    assert (await asyncio.wait_for(a.receive(ca), 5))["n"] == 1
+    middle = layer_stats.stats()
+    assert middle["redirects"] - before["redirects"] == 1
+    assert middle["lost"] == before["lost"]
+
+    # A subscriber with a stale map: b's map still names the old owner for another moved slot.
+    other = rooms_on_every_master(a, cluster, per_master=1)[masters[1]][0]
+    other_slot = key_slot(a.group_channel(other))
+    await b.group_send(other, {"type": "warm-up"})  # b's map: the old owner
+    await asyncio.to_thread(cluster.move_slot, other_slot, target)
+    cb = await b.new_channel()
+    await asyncio.wait_for(b.group_add(other, cb), 10)  # MOVED on SSUBSCRIBE, then re-homed
+    await a.group_send(other, {"type": "m", "n": 2})
+    assert (await asyncio.wait_for(b.receive(cb), 5))["n"] == 2
+    after = layer_stats.stats()
+    assert after["redis_errors"] > middle["redis_errors"]  # the MOVED reply, logged
+    assert after["rehomed"] > middle["rehomed"]
+    assert shard_subscribers(cluster.client(target), a.group_channel(other)) == 1
+
+
 async def test_master_sigkill_during_traffic_fails_over_and_resumes(
     layers, cluster: LocalCluster
 ) -> None:
