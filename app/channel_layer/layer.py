@@ -95,6 +95,9 @@ RECONNECT_MAX = 0.5
 RECOVERY_GRACE = RECONNECT_MAX + 0.25
 #: Publishers a receiver keeps sequence numbers of, per channel (publishers restart).
 MAX_PUBLISHERS_TRACKED = 1024
+#: Channels a publisher keeps sequence numbers of; past this it forgets them all and continues
+#: under a new sender id (receivers start afresh for it: no false gap, bounded memory).
+MAX_CHANNELS_TRACKED = 100_000
 #: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
 #: means a dead peer (a half-open TCP connection never reports itself).
 PING_INTERVAL = 15.0
@@ -378,6 +381,8 @@ class _LoopState:
         self.ready = asyncio.Event()
         self.started = False
         self.sent_seq: dict[bytes, int] = {}  # channel -> last sequence number published
+        self.sender_epoch = 0
+        self.sender_id = f"{self.token}.0".encode()  # in front of every message, with its number
         self.seen_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> publisher -> last seen
         self.published_on: dict[bytes, Node] = {}  # cluster: channel -> node last published to
         self.settle_until: dict[bytes, float] = {}  # cluster: channel -> see publish()
@@ -480,6 +485,12 @@ class _LoopState:
             await self._settle(channel, node)
             return await self._publish_to(node, channel, payload, resend=True)
 
+    def _new_sender_id(self) -> None:
+        self.sent_seq.clear()
+        self.published_on.clear()
+        self.sender_epoch += 1
+        self.sender_id = f"{self.token}.{self.sender_epoch}".encode()
+
     async def _settle(self, channel: bytes, node: Node) -> None:
         """When a channel's owner changed since this process last published to it (failover,
         migration), the subscribers of other processes are moving too: wait RECOVERY_GRACE
@@ -504,9 +515,14 @@ class _LoopState:
             if connection is None or not connection.is_open:
                 connection = await self._publisher(node)
             # Sequence numbers per channel let receivers count what never reached them.
-            seq = self.sent_seq.get(channel, 0) + 1
+            seq = self.sent_seq.get(channel)
+            if seq is None:
+                if len(self.sent_seq) >= MAX_CHANNELS_TRACKED:
+                    self._new_sender_id()
+                seq = 0
+            seq += 1
             reply = connection.request(
-                self.publish_command, channel, b"%s %d\n" % (self.token.encode(), seq) + payload
+                self.publish_command, channel, b"%s %d\n" % (self.sender_id, seq) + payload
             )
             self.sent_seq[channel] = seq
             receivers = await reply
