@@ -70,7 +70,6 @@ import weakref
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import hiredis
 from channels.layers import BaseChannelLayer
 from channels_redis.serializers import registry
 from channels_redis.utils import decode_hosts
@@ -84,6 +83,11 @@ from channel_layer.history import (
     parse_entries,
 )
 from channel_layer.stats import STATS, stats
+from channel_layer.subscription import (
+    RECONNECT_MAX,
+    RECOVERY_GRACE,
+    Shard,
+)
 from channel_layer.topology import PRIMARY, Node, SentinelTopology, make_topology
 from channel_layer.transport import RedisAddress, RedisRedirect, RedisUnavailable, RespConnection
 
@@ -93,20 +97,11 @@ logger = logging.getLogger("switchboard.layer")
 DROP_LOG_SECONDS = 10.0
 #: How long ``group_add`` and ``new_channel`` wait for Redis to confirm a subscription.
 SUBSCRIBE_TIMEOUT = 5.0
-#: Reconnect backoff of the subscriber, seconds (doubling up to the maximum). A refused
-#: connection costs next to nothing, and the maximum bounds how long after Redis is back every
-#: process is subscribed again.
-RECONNECT_FIRST = 0.05
-RECONNECT_MAX = 0.5
-#: After an outage a process refuses to publish (``unavailable``) for this long once its own
-#: subscriptions are back: the other processes reconnect on the same backoff, so by then they
-#: are subscribed too, and a message published meanwhile would reach nobody -- silently.
-RECOVERY_GRACE = RECONNECT_MAX + 0.25
 #: Publishers a receiver keeps sequence numbers of, per channel (publishers restart).
 MAX_PUBLISHERS_TRACKED = 1024
-#: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
-#: means a dead peer (a half-open TCP connection never reports itself).
-PING_INTERVAL = 15.0
+#: Channels a publisher keeps sequence numbers of; past this it forgets them all and continues
+#: under a new sender id (receivers start afresh for it: no false gap, bounded memory).
+MAX_CHANNELS_TRACKED = 100_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +142,7 @@ class _Mailbox:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] | None = None
         self.waiter: asyncio.Future[dict[str, Any]] | None = None
-        self.stale = False  # see _LoopState.sweep
+        self.stale = False  # see LoopState.sweep
 
     def put(self, message: dict[str, Any], capacity: int) -> bool:
         """Deliver or store; ``False`` when the oldest stored message had to make room."""
@@ -181,219 +176,7 @@ class _Mailbox:
                 self.waiter = None
 
 
-class _Shard:
-    """This event loop's subscription connection to one Redis node, and the channels it holds.
-
-    With one server or Sentinel there is one shard (:data:`PRIMARY`); with a Cluster, one per
-    master that owns a channel this process needs -- never one per group or per socket.
-    """
-
-    def __init__(self, state: _LoopState, node: Node) -> None:
-        self.state = state
-        self.node = node
-        self.channels: set[bytes] = set()  # wanted on this node
-        self.subscribed: set[bytes] = set()  # confirmed by the node
-        self.confirming: dict[bytes, asyncio.Future[None]] = {}
-        # Until the node confirms an UNSUBSCRIBE, a "subscribe" push for the channel is an old one.
-        self.unsubscribing: collections.Counter[bytes] = collections.Counter()
-        self.connection: RespConnection | None = None
-        self.task: asyncio.Task[None] | None = None
-        self.down = False
-        self.recovering_until = 0.0  # see RECOVERY_GRACE
-        self._pong: asyncio.Future[None] | None = None
-        self._moved: set[bytes] = set()  # channels the node dropped or redirected: to re-home
-        self._rehoming: asyncio.Task[None] | None = None
-        if state.topology.sharded:
-            self.subscribe_command, self.unsubscribe_command = "SSUBSCRIBE", "SUNSUBSCRIBE"
-        else:
-            self.subscribe_command, self.unsubscribe_command = "SUBSCRIBE", "UNSUBSCRIBE"
-
-    @property
-    def up(self) -> bool:
-        return self.connection is not None and self.connection.is_open
-
-    def add(
-        self, channel: bytes, future: asyncio.Future[None] | None = None
-    ) -> asyncio.Future[None]:
-        """Subscribe ``channel`` here; the future resolves when the node confirmed it."""
-        loop = self.state.loop
-        self.channels.add(channel)
-        if channel in self.subscribed and not self.unsubscribing[channel]:
-            done = future or loop.create_future()
-            if not done.done():
-                done.set_result(None)
-            return done
-        pending = self.confirming.get(channel)
-        if pending is None or pending.done():
-            pending = self.confirming[channel] = future or loop.create_future()
-            if self.up:
-                self.connection.write(self.subscribe_command, channel)  # type: ignore[union-attr]
-        elif future is not None and future is not pending:
-            pending.add_done_callback(lambda f: future.done() or future.set_result(None))
-        if self.task is None or self.task.done():
-            self.task = loop.create_task(self._run(), name=f"fanout-layer-{self.node}")
-        return pending
-
-    def remove(self, channel: bytes, *, tell_node: bool = True) -> asyncio.Future[None] | None:
-        """Stop wanting ``channel`` here; returns its unconfirmed subscription, if any."""
-        self.channels.discard(channel)
-        self.subscribed.discard(channel)
-        future = self.confirming.pop(channel, None)
-        if tell_node and self.up:
-            self.unsubscribing[channel] += 1
-            self.connection.write(self.unsubscribe_command, channel)  # type: ignore[union-attr]
-        return future
-
-    async def _run(self) -> None:
-        """Hold the subscription connection: (re)connect, subscribe what is wanted, ping."""
-        state = self.state
-        loop = state.loop
-        delay = RECONNECT_FIRST
-        down_since: float | None = None
-        try:
-            while self.channels:
-                try:
-                    address = await state.topology.address(self.node)
-                    connection = await state.open_connection(self.node, self._on_push, address)
-                    self.connection = connection
-                    self.down = False
-                    self.subscribed.clear()
-                    self.unsubscribing.clear()
-                    for channel in self.channels:
-                        future = self.confirming.get(channel)
-                        if future is None or future.done():
-                            self.confirming[channel] = loop.create_future()
-                        connection.write(self.subscribe_command, channel)
-                    if down_since is not None:
-                        self.recovering_until = loop.time() + RECOVERY_GRACE
-                        groups = [
-                            g
-                            for g in state.groups
-                            if state.home.get(state.layer.group_channel(g)) is self
-                        ]
-                        logger.warning(
-                            "channel layer back after %.1f s on %s: %d memberships of %d "
-                            "sockets restored (%d groups re-subscribed); publishing resumes "
-                            "in %.2f s",
-                            time.monotonic() - down_since,
-                            state.topology.describe(self.node),
-                            sum(len(state.groups[g]) for g in groups),
-                            len({c for g in groups for c in state.groups[g]}),
-                            len(groups),
-                            RECOVERY_GRACE,
-                        )
-                        down_since, delay = None, RECONNECT_FIRST
-                    while not connection.lost.done():
-                        await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
-                        if state.process_channel in self.channels:
-                            state.sweep()  # once per interval and process, from one shard
-                        if not connection.lost.done() and not await self.ping():
-                            connection.close()
-                        if not connection.lost.done() and await state.master_moved(address):
-                            connection.close()  # a demoted master: follow Sentinel's new one
-                    raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self.down = True
-                    self.subscribed.clear()
-                    if self.connection is not None:
-                        self.connection.close()
-                        self.connection = None
-                    if state.process_channel in self.channels:
-                        state.ready.clear()
-                    if down_since is None:
-                        down_since = time.monotonic()
-                        STATS.reconnects += 1
-                        logger.warning(
-                            "channel layer: subscription connection to %s down (%s); messages "
-                            "published until it is back do not reach this process",
-                            state.topology.describe(self.node),
-                            exc,
-                        )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, RECONNECT_MAX)
-                    if state.topology.sharded:
-                        await state.rehome(self, set(self.channels))
-        finally:
-            if self.connection is not None:
-                self.connection.close()
-                self.connection = None
-            if state.shards.get(self.node) is self and not self.channels:
-                del state.shards[self.node]
-
-    async def ping(self) -> bool:
-        """PING the subscription connection: ``False`` when no answer came within the socket
-        timeout (a dead peer: a half-open TCP connection never reports itself)."""
-        connection = self.connection
-        if connection is None or not connection.is_open:
-            return False
-        self._pong = self.state.loop.create_future()
-        connection.write("PING")
-        try:
-            await asyncio.wait_for(self._pong, self.state.layer.address.timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _on_push(self, reply: Any) -> None:
-        if isinstance(reply, hiredis.ReplyError):
-            self._on_error(str(reply))
-            return
-        kind = reply[0]
-        if kind == b"message" or kind == b"smessage":
-            self.state.on_message(reply[1], reply[2])
-        elif kind == b"subscribe" or kind == b"ssubscribe":
-            channel = reply[1]
-            if self.unsubscribing[channel]:
-                return  # an UNSUBSCRIBE sent after it is still on its way
-            self.subscribed.add(channel)
-            future = self.confirming.pop(channel, None)
-            if future is not None and not future.done():
-                future.set_result(None)
-            if channel == self.state.process_channel:
-                self.state.ready.set()
-        elif kind == b"unsubscribe" or kind == b"sunsubscribe":
-            channel = reply[1]
-            count = self.unsubscribing[channel]
-            if count > 1:
-                self.unsubscribing[channel] -= 1
-            elif count == 1:
-                del self.unsubscribing[channel]
-            elif channel in self.channels:
-                # Not asked for: the node gave the channel's slot to another node.
-                self.subscribed.discard(channel)
-                if channel == self.state.process_channel:
-                    self.state.ready.clear()
-                self._rehome_later({channel})
-        elif kind == b"pong" and self._pong is not None and not self._pong.done():
-            self._pong.set_result(None)
-
-    def _on_error(self, text: str) -> None:
-        STATS.redis_errors += 1
-        logger.warning(
-            "channel layer: error reply on the subscription connection to %s: %s",
-            self.state.topology.describe(self.node),
-            text[:200],
-        )
-        if text.startswith(("MOVED ", "ASK ")) and self.state.topology.sharded:
-            slot = int(text.split()[1])
-            slot_of = self.state.topology.slot  # type: ignore[attr-defined]
-            moved = {c for c in self.channels if c not in self.subscribed and slot_of(c) == slot}
-            self._rehome_later(moved)
-
-    def _rehome_later(self, channels: set[bytes]) -> None:
-        self._moved |= channels
-        if self._rehoming is None or self._rehoming.done():
-            self._rehoming = self.state.loop.create_task(self._rehome_moved())
-
-    async def _rehome_moved(self) -> None:
-        while self._moved:
-            moved, self._moved = self._moved, set()
-            await self.state.rehome(self, moved, force=True)
-
-
-class _LoopState:
+class LoopState:
     """Everything bound to one event loop: topology, connections, mailboxes, groups."""
 
     def __init__(self, layer: FanoutChannelLayer, loop: asyncio.AbstractEventLoop) -> None:
@@ -407,8 +190,8 @@ class _LoopState:
         self.publish_command = "SPUBLISH" if self.topology.sharded else "PUBLISH"
         self.mailboxes: dict[str, _Mailbox] = {}
         self.groups: dict[str, set[str]] = {}  # group -> local channel names
-        self.shards: dict[Node, _Shard] = {}
-        self.home: dict[bytes, _Shard] = {}  # subscribed channel -> its shard
+        self.shards: dict[Node, Shard] = {}
+        self.home: dict[bytes, Shard] = {}  # subscribed channel -> its shard
         self.publishers: dict[Node, RespConnection] = {}
         self.publisher_locks: dict[Node, asyncio.Lock] = collections.defaultdict(asyncio.Lock)
         self.watchdogs: dict[Node, asyncio.Task[None]] = {}
@@ -416,6 +199,8 @@ class _LoopState:
         self.ready = asyncio.Event()
         self.started = False
         self.sent_seq: dict[bytes, int] = {}  # channel -> last sequence number published
+        self.sender_epoch = 0
+        self.sender_id = f"{self.token}.0".encode()  # in front of every message, with its number
         self.seen_seq: dict[bytes, dict[bytes, int]] = {}  # channel -> publisher -> last seen
         self.published_on: dict[bytes, Node] = {}  # cluster: channel -> node last published to
         self.settle_until: dict[bytes, float] = {}  # cluster: channel -> see publish()
@@ -523,6 +308,12 @@ class _LoopState:
             await self._settle(channel, node)
             return await self._publish_to(node, channel, payload, resend=True, recording=recording)
 
+    def _new_sender_id(self) -> None:
+        self.sent_seq.clear()
+        self.published_on.clear()
+        self.sender_epoch += 1
+        self.sender_id = f"{self.token}.{self.sender_epoch}".encode()
+
     async def _settle(self, channel: bytes, node: Node) -> None:
         """When a channel's owner changed since this process last published to it (failover,
         migration), the subscribers of other processes are moving too: wait RECOVERY_GRACE
@@ -553,8 +344,13 @@ class _LoopState:
             if connection is None or not connection.is_open:
                 connection = await self._publisher(node)
             # Sequence numbers per channel let receivers count what never reached them.
-            seq = self.sent_seq.get(channel, 0) + 1
-            header = b"%s %d\n" % (self.token.encode(), seq)
+            seq = self.sent_seq.get(channel)
+            if seq is None:
+                if len(self.sent_seq) >= MAX_CHANNELS_TRACKED:
+                    self._new_sender_id()
+                seq = 0
+            seq += 1
+            header = b"%s %d\n" % (self.sender_id, seq)
             if recording is None:
                 reply = connection.request(self.publish_command, channel, header + payload)
             else:
@@ -611,10 +407,10 @@ class _LoopState:
         raise AssertionError("unreachable")
 
     # -- subscribing -----------------------------------------------------------------------------
-    def _shard(self, node: Node) -> _Shard:
+    def _shard(self, node: Node) -> Shard:
         shard = self.shards.get(node)
         if shard is None:
-            shard = self.shards[node] = _Shard(self, node)
+            shard = self.shards[node] = Shard(self, node)
         return shard
 
     async def start(self) -> None:
@@ -651,7 +447,7 @@ class _LoopState:
             if future is not None and not future.done():
                 future.cancel()
 
-    async def rehome(self, shard: _Shard, channels: set[bytes], *, force: bool = False) -> None:
+    async def rehome(self, shard: Shard, channels: set[bytes], *, force: bool = False) -> None:
         """Re-read the cluster's slot map and move ``channels`` whose slot another node owns now
         to that node's shard (``force``: subscribe again those that stay where they are)."""
         await self.topology.refresh()
@@ -802,7 +598,7 @@ class FanoutChannelLayer(BaseChannelLayer):
         )
         # History scripts edit messages as MessagePack inside Redis.
         self._records = serializer_format == "msgpack" and not symmetric_encryption_keys
-        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState] = (
+        self._states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState] = (
             weakref.WeakKeyDictionary()
         )
         self._drops_logged_at = -DROP_LOG_SECONDS
@@ -824,11 +620,11 @@ class FanoutChannelLayer(BaseChannelLayer):
     def process_channel(self, token: str) -> bytes:
         return f"{self.namespace}:p:{{{token}}}".encode()
 
-    def _state(self) -> _LoopState:
+    def _state(self) -> LoopState:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
-            state = self._states[loop] = _LoopState(self, loop)
+            state = self._states[loop] = LoopState(self, loop)
             self._close_with(loop)
         return state
 

@@ -255,6 +255,8 @@ def library_client(
         master = parse_url(url)
         for key in ("host", "port", "path", "connection_class"):
             master.pop(key, None)
+        if url.startswith("rediss://"):
+            master["ssl"] = True  # SentinelManagedSSLConnection
         sentinel_options = {
             "password": master.get("password"),
             "socket_timeout": options.get("socket_timeout"),

@@ -110,6 +110,12 @@ def channel_layers_from_env() -> dict[str, Any]:
             f"REDIS_TOPOLOGY={topology} needs CHANNEL_LAYER=fanout (channels-redis' layers "
             "talk to one server)"
         )
+    prefix = env.get("CHANNEL_PREFIX")
+    if not prefix or any(c in prefix for c in "{}: \t\n"):
+        raise ImproperlyConfigured(
+            f"CHANNEL_PREFIX={prefix!r} must be non-empty, without braces (the cluster hash "
+            "tag), colons or whitespace"
+        )
     if topology == "sentinel" and not env.get_list("REDIS_SENTINELS"):
         raise ImproperlyConfigured("REDIS_TOPOLOGY=sentinel needs REDIS_SENTINELS (host:port,...)")
     return {"default": {"BACKEND": backend, "CONFIG": config}}

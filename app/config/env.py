@@ -110,7 +110,7 @@ SETTINGS: tuple[Setting, ...] = (
         DJANGO,
         "Start of every Redis channel name, followed by REDIS_URL's database number: "
         "deployments sharing one Redis with different prefixes or databases never see each "
-        "other's messages (pub/sub ignores database numbers).",
+        "other's messages (pub/sub ignores database numbers). No braces, colons or spaces.",
     ),
     Setting(
         "REDIS_SOCKET_TIMEOUT",

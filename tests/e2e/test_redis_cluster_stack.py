@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import Counter
 from collections.abc import Iterator
 
@@ -24,7 +25,18 @@ from chat.protocol import room_group
 from config import env
 from infra.redis_topologies import LocalCluster
 from tests.faults.failover import RESUME_LIMIT, failover_during_traffic
-from tests.faults.tools import record_figures, wait_until
+from tests.faults.tools import (
+    ChatClient,
+    locate,
+    log_offsets,
+    log_since,
+    lost_logged,
+    record_figures,
+    send_paced,
+    start_clients,
+    unhandled_errors,
+    wait_until,
+)
 from tests.harness import (
     CLIENTS,
     MESSAGES_PER_CLIENT,
@@ -92,6 +104,63 @@ async def test_cross_process_fanout_in_rooms_on_every_shard(
         f"each on {len(processes)} processes in {len(replicas)} replicas, "
         f"{CLIENTS * MESSAGES_PER_CLIENT} messages per room, all delivered"
     )
+
+
+async def test_slot_migration_of_a_live_room(
+    cluster_stack: RunningStack, cluster: LocalCluster
+) -> None:
+    """The slot of a busy room moves to another master (as ``redis-cli --cluster reshard``
+    does) while its members chat: they keep receiving, nothing is silently lost."""
+    stack = cluster_stack
+    source = cluster.master_ports()[1]
+    room = room_owners(cluster)[source][0]
+    slot = key_slot(
+        FanoutChannelLayer(
+            hosts=[{"address": cluster.url}], prefix=env.get("CHANNEL_PREFIX")
+        ).group_channel(room_group(room))
+    )
+    target = next(port for port in cluster.master_ports() if port != source)
+    offsets = log_offsets(stack)
+    clients = await start_clients(stack, room, 6)
+    sender = ChatClient(stack, room, name="sender")
+    await sender.start()
+    try:
+        await locate([*clients, sender], probe=sender)
+        sending = asyncio.create_task(send_paced(sender, "mig", 40, 8))
+        await asyncio.sleep(2.0)
+        moved_at = time.monotonic()
+        await asyncio.to_thread(cluster.move_slot, slot, target)
+        refs = await sending
+        await asyncio.gather(*(c.wait_for_ref(refs[-1], timeout=RESUME_LIMIT) for c in clients))
+        await asyncio.sleep(0.5)
+        everywhere = {r for r in refs if all(r in c.refs for c in clients)}
+        unavailable = len(sender.errors("unavailable"))
+        lost = lost_logged(stack, offsets)
+        after_move = [
+            r for r in refs if r in everywhere and all(c.arrived_at[r] > moved_at for c in clients)
+        ]
+        figures = {
+            "messages_sent": len(refs),
+            "messages_delivered_to_all": len(everywhere),
+            "unavailable_errors_to_sender": unavailable,
+            "messages_lost_counted_and_logged": lost,
+            "messages_silently_lost": max(0, len(refs) - len(everywhere) - unavailable - lost),
+            "messages_delivered_after_the_move": len(after_move),
+            "subscriptions_moved_logged": sum(
+                log_since(stack, name, offset).count("subscription(s) moved")
+                for name, offset in offsets.items()
+                if name.startswith("app")
+            ),
+        }
+        record_figures("cluster_slot_migration_stack", figures)
+        assert cluster.owner_of(slot) == target
+        assert figures["messages_silently_lost"] == 0, figures
+        assert after_move, "members stopped receiving after the move"
+        assert figures["subscriptions_moved_logged"] >= 1
+        assert all(not c.closes for c in [*clients, sender])
+        assert unhandled_errors(stack, offsets) == []
+    finally:
+        await asyncio.gather(*(c.stop() for c in [*clients, sender]))
 
 
 async def test_master_sigkill_during_traffic(

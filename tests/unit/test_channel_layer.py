@@ -229,3 +229,22 @@ async def test_deployments_sharing_one_redis_never_see_each_others_messages(
     finally:
         for layer in deployments.values():
             await layer.flush()
+
+
+async def test_publisher_bookkeeping_is_bounded_without_false_losses(
+    layers, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a, b = layers
+    monkeypatch.setattr(fanout_layer, "MAX_CHANNELS_TRACKED", 3)
+    cb = await b.new_channel()
+    await b.group_add("bounded", cb)
+    before = b.stats()["lost"]
+    for n in range(4):
+        await a.group_send("bounded", {"type": "m", "n": n})
+        for other in range(3):  # other groups fill a's table: it starts again, under a new id
+            await a.group_send(f"filler-{n}-{other}", {"type": "m"})
+    got = [(await receive(b, cb))["n"] for _ in range(4)]
+    assert got == [0, 1, 2, 3]
+    assert len(a._state().sent_seq) <= 3
+    assert a._state().sender_epoch >= 3
+    assert b.stats()["lost"] == before

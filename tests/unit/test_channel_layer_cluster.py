@@ -186,25 +186,78 @@ async def test_slot_migration_of_a_live_room_loses_nothing_silently(
     )
 
 
+async def test_stale_slot_maps_follow_moved_replies(layers, cluster: LocalCluster) -> None:
+    """A process that neither subscribes nor hears of a migration publishes with a stale slot
+    map: the old owner answers MOVED, the publish (not executed) is sent to the new owner and
+    arrives. A process that subscribes with a stale map gets MOVED on its subscription
+    connection and subscribes on the new owner."""
+    a, b = layers
+    from redis.crc import key_slot
+
+    masters = cluster.master_ports()
+    room = rooms_on_every_master(a, cluster, per_master=1)[masters[2]][0]
+    slot = key_slot(a.group_channel(room))
+    target = masters[0]
+    ca = await a.new_channel()
+    await a.group_add(room, ca)
+    # b learns the slot map now (its process channel), then the slot moves.
+    await b.new_channel()
+    await b.group_send(room, {"type": "m", "n": 0})
+    assert (await asyncio.wait_for(a.receive(ca), 5))["n"] == 0
+    await asyncio.to_thread(cluster.move_slot, slot, target)
+    before = layer_stats.stats()
+    await b.group_send(room, {"type": "m", "n": 1})  # stale map: MOVED, sent again
+    assert (await asyncio.wait_for(a.receive(ca), 5))["n"] == 1
+    middle = layer_stats.stats()
+    assert middle["redirects"] - before["redirects"] == 1
+    assert middle["lost"] == before["lost"]
+
+    # A subscriber with a stale map: b's map still names the old owner for another moved slot.
+    other = rooms_on_every_master(a, cluster, per_master=1)[masters[1]][0]
+    other_slot = key_slot(a.group_channel(other))
+    await b.group_send(other, {"type": "warm-up"})  # b's map: the old owner
+    await asyncio.to_thread(cluster.move_slot, other_slot, target)
+    cb = await b.new_channel()
+    await asyncio.wait_for(b.group_add(other, cb), 10)  # MOVED on SSUBSCRIBE, then re-homed
+    await a.group_send(other, {"type": "m", "n": 2})
+    assert (await asyncio.wait_for(b.receive(cb), 5))["n"] == 2
+    after = layer_stats.stats()
+    assert after["redis_errors"] > middle["redis_errors"]  # the MOVED reply, logged
+    assert after["rehomed"] > middle["rehomed"]
+    assert shard_subscribers(cluster.client(target), a.group_channel(other)) == 1
+
+
 async def test_master_sigkill_during_traffic_fails_over_and_resumes(
     layers, cluster: LocalCluster
 ) -> None:
     a, b = layers
     master = cluster.master_ports()[1]
-    room = rooms_on_every_master(a, cluster, per_master=1)[master][0]
+    owners = rooms_on_every_master(a, cluster, per_master=1)
+    room = owners[master][0]
+    # A room on another shard: its traffic must not notice the failover.
+    calm = owners[next(port for port in owners if port != master)][0]
     ca, cb = await a.new_channel(), await b.new_channel()
     await a.group_add(room, ca)
     await b.group_add(room, cb)
+    calm_a, calm_b = await a.new_channel(), await b.new_channel()
+    await a.group_add(calm, calm_a)
+    await b.group_add(calm, calm_b)
     got_a: dict[int, float] = {}
     got_b: dict[int, float] = {}
+    calm_got_a: dict[int, float] = {}
+    calm_got_b: dict[int, float] = {}
     readers = [
         asyncio.create_task(collect(a, ca, got_a)),
         asyncio.create_task(collect(b, cb, got_b)),
+        asyncio.create_task(collect(a, calm_a, calm_got_a)),
+        asyncio.create_task(collect(b, calm_b, calm_got_b)),
     ]
     before = layer_stats.stats()
     stop = asyncio.Event()
     log: dict[str, list[tuple[float, int]]] = {}
+    calm_log: dict[str, list[tuple[float, int]]] = {}
     flow = asyncio.create_task(traffic(a, room, stop, log))
+    calm_flow = asyncio.create_task(traffic(b, calm, stop, calm_log, interval=0.05))
     await asyncio.sleep(0.5)
     killed_at = time.monotonic()
     cluster.kill(master)
@@ -229,6 +282,7 @@ async def test_master_sigkill_during_traffic_fails_over_and_resumes(
     await asyncio.sleep(1.0)
     stop.set()
     result = await flow
+    calm_result = await calm_flow
     await asyncio.sleep(1.0)
     for reader in readers:
         reader.cancel()
@@ -237,6 +291,10 @@ async def test_master_sigkill_during_traffic_fails_over_and_resumes(
     sent = [n for _, n in result["sent"]]
     missing = {n for n in sent if n not in got_a or n not in got_b}
     lost = after["lost"] - before["lost"]
+    calm_sent = [n for _, n in calm_result["sent"]]
+    calm_missing = [n for n in calm_sent if n not in calm_got_a or n not in calm_got_b]
+    assert calm_result["refused"] == [], "a room on another shard was refused"
+    assert calm_missing == [], "a room on another shard lost messages"
     assert promoted()
     assert resumed_at is not None, "delivery did not resume"
     assert resumed_at - killed_at < RESUME_LIMIT
@@ -252,5 +310,8 @@ async def test_master_sigkill_during_traffic_fails_over_and_resumes(
             "messages_lost_counted": lost,
             "messages_missing_at_a_member": len(missing),
             "subscriptions_moved": after["rehomed"] - before["rehomed"],
+            "other_shard_messages_sent": len(calm_sent),
+            "other_shard_messages_refused": len(calm_result["refused"]),
+            "other_shard_messages_missing": len(calm_missing),
         },
     )

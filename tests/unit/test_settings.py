@@ -80,6 +80,7 @@ def test_rediss_url_with_password_reaches_the_channel_layer_config() -> None:
         ("REDIS_SOCKET_TIMEOUT", "3", "must exceed"),
         ("REDIS_TOPOLOGY", "ring", "expected one of"),
         ("REDIS_TOPOLOGY", "sentinel", "needs REDIS_SENTINELS"),
+        ("CHANNEL_PREFIX", "a{b}", "without braces"),
     ],
 )
 def test_bad_values_fail_at_start_with_a_clear_message(name: str, value: str, message: str) -> None:
