@@ -104,6 +104,13 @@ async def failover_during_traffic(
                 # Not everywhere, neither refused nor counted: must be 0.
                 "messages_silently_lost": max(0, not_everywhere - unavailable - lost),
                 "sockets_closed": sum(len(c.closes) for c in [*clients, sender]),
+                # History: the promoted replica starts a new epoch (it may lack the last
+                # appends); clients resume across live gaps and never show a message twice.
+                "history_epochs_seen": len(
+                    {f["epoch"] for c in clients for f in c.messages if "epoch" in f}
+                ),
+                "gap_resumes": sum(c.gap_resumes for c in clients),
+                "duplicates": sum(c.duplicates for c in clients),
             },
         }
     finally:

@@ -53,6 +53,8 @@ async def test_master_sigkill_during_traffic(
     assert result["resumed_at"] is not None, "delivery did not resume"
     assert result["resumed_at"] - result["promoted_at"] < RESUME_LIMIT
     assert figures["messages_silently_lost"] == 0, figures
+    assert figures["duplicates"] == 0, figures
+    assert figures["history_epochs_seen"] == 2, figures  # the promotion started a new epoch
     assert figures["unavailable_errors_to_sender"] > 0  # sends to the dead master were refused
     assert result["closes"] == 0, "sockets must ride it out"
     assert result["unhandled_errors"] == []
