@@ -13,6 +13,7 @@ come from the environment (app/config/env.py); nothing here is a second copy of 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import os
 import secrets
@@ -56,16 +57,6 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def _port_free_on(host: str, port: int) -> bool:
     """Whether a listener could bind ``host:port`` now (SO_REUSEADDR, as servers bind)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -84,10 +75,11 @@ def _port_free_on(host: str, port: int) -> bool:
 
 
 def port_holder(port: int) -> str | None:
-    """The process listening on TCP ``port``, as ``pid N (command line)``, from /proc (the
-    sockets of /proc/net/tcp{,6} matched against every process's file descriptors); ``None``
-    when no listener is found, a note when it belongs to a process this user cannot inspect."""
-    inodes = set()
+    """The process holding TCP ``port`` (listening on it, or a connection using it as its local
+    port), as ``pid N (command line)``, from /proc (the sockets of /proc/net/tcp{,6} matched
+    against every process's file descriptors); ``None`` when no socket holds it, a note when it
+    belongs to a process this user cannot inspect."""
+    inodes: dict[str, str] = {}  # socket -> what it is, listeners first
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -95,28 +87,53 @@ def port_holder(port: int) -> str | None:
             continue
         for row in rows:
             fields = row.split()
-            listening = fields[3] == "0A"
-            if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] != "0":
+                listening = fields[3] == "0A"
+                inodes[f"socket:[{fields[9]}]"] = "" if listening else " (a connection from it)"
     if not inodes:
         return None
+    holders = []
     for process in Path("/proc").iterdir():
         if not process.name.isdigit():
             continue
         try:
-            if any(os.readlink(fd) in inodes for fd in (process / "fd").iterdir()):
-                command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                return f"pid {process.name} ({command.strip()[:100]})"
+            fds = list((process / "fd").iterdir())
+            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue  # gone, or another user's
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, too)
+                if (link := os.readlink(fd)) in inodes:
+                    holders.append((inodes[link], process.name, command))
+    if holders:
+        what, pid, command = min(holders)  # a listener before a connection
+        return f"pid {pid} ({' '.join(command.split())[:100]}){what}"
     return "a process of another user"
 
 
+#: Where free_port_block looks: below the kernel's ephemeral range, which outgoing connections
+#: take ports from at any moment (a test stack once drew a port a client socket held).
+FREE_PORTS_FROM = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999
+    return int(low), int(high)
+
+
 def free_port_block(count: int, attempts: int = 200) -> int:
-    """The first of ``count`` consecutive loopback ports that are free right now."""
+    """The first of ``count`` consecutive ports that any of the stack's listeners could bind
+    now (on every address, as :meth:`Stack.check_ports` checks them), outside the ephemeral
+    range when there is room below it."""
+    ephemeral_low, _ = _ephemeral_ports()
+    top = ephemeral_low if ephemeral_low - count > FREE_PORTS_FROM + 1000 else 60000
     for _ in range(attempts):
-        base = secrets.randbelow(40000 - count) + 20000
-        if all(_port_free(base + i) for i in range(count)):
+        base = secrets.randbelow(top - count - FREE_PORTS_FROM) + FREE_PORTS_FROM
+        ports = range(base, base + count)
+        if all(_port_free_on(host, port) for port in ports for host in NGINX_ADDRESSES):
             return base
     raise RuntimeError(f"found no {count} consecutive free ports")
 
