@@ -8,11 +8,14 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
 * the ``writable`` ``asyncio.Event``: one more deque for waiters that never exist unless the
   peer stops reading;
 * the handshake ``Request`` and ``Response`` (with their header objects), about 2.5 KB per
-  socket, which nothing reads after the handshake.
+  socket, which nothing reads after the handshake;
+* the same ``Request`` once more, about 3 KB with its headers: websockets' server parser keeps
+  it as a local variable of its generator for the life of the connection.
 
 :class:`LeanWebSocketsProtocol` swaps the first two for minimal equivalents (same methods, same
 semantics for the single consumer uvicorn has) and lets go of the handshake objects once the
-connection is accepted or refused.
+connection is accepted or refused, handing websockets a fresh frame parser (the one the
+handshake parser runs) once the request is read.
 
 It also finishes the closing handshake after a frame over ``WS_MAX_MESSAGE_BYTES``. uvicorn
 sends close 1009 as soon as it has read the frame's header and closes the TCP connection at
@@ -39,7 +42,9 @@ from typing import Any
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.exceptions import PayloadTooBig
 from websockets.frames import CloseCode, Opcode
+from websockets.protocol import Protocol
 from websockets.server import ServerProtocol
+from websockets.streams import StreamReader
 
 #: A client frame's mask key follows its length field (RFC 6455, 5.2).
 MASK_BYTES = 4
@@ -196,6 +201,28 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         if self.writable.is_set():
             writable.set()
         self.writable = writable  # type: ignore[assignment]
+
+    def handle_connect(self, event: Any) -> None:
+        super().handle_connect(event)
+        self.release_handshake_parser()
+
+    def release_handshake_parser(self) -> None:
+        """Swap websockets' server parser, whose generator frame holds the handshake request
+        for as long as the connection lives, for the frame parser it delegates to -- only
+        while that one waits at a frame boundary with nothing read (it always does right after
+        the request: a client sends frames only once it has the handshake response)."""
+        parser = self.conn.parser
+        frames = getattr(parser, "gi_yieldfrom", None)
+        waiting = getattr(frames, "gi_yieldfrom", None)
+        if (
+            getattr(frames, "gi_code", None) is Protocol.parse.__code__
+            and getattr(waiting, "gi_code", None) is StreamReader.at_eof.__code__
+            and not self.conn.reader.buffer
+        ):
+            fresh = Protocol.parse(self.conn)
+            next(fresh)
+            self.conn.parser = fresh
+            parser.close()
 
     async def send(self, message: Any) -> None:
         await super().send(message)

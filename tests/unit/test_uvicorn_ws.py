@@ -20,6 +20,7 @@ import tomllib
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import pytest
 import uvicorn
@@ -28,6 +29,8 @@ from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Close, CloseCode, Frame, Opcode
+from websockets.protocol import Protocol
+from websockets.server import ServerProtocol
 
 from infra.uvicorn_ws import (
     LeanEvent,
@@ -137,11 +140,18 @@ def test_the_hooks_the_closing_handshake_relies_on_are_there() -> None:
 
 
 # -- the closing handshake after an oversize frame, on a real socket ----------------------------
-async def _app(scope: dict, receive: object, send: object) -> None:
-    assert (await receive())["type"] == "websocket.connect"  # type: ignore[operator]
-    await send({"type": "websocket.accept"})  # type: ignore[operator]
-    while (await receive())["type"] != "websocket.disconnect":  # type: ignore[operator]
-        pass
+#: The protocol instances the test server made (to look inside them).
+PROTOCOLS: list[LeanWebSocketsProtocol] = []
+
+
+async def _app(scope: dict, receive: Any, send: Any) -> None:
+    """Accepts, echoes text frames, and checks websockets kept no handshake request."""
+    assert (await receive())["type"] == "websocket.connect"
+    await send({"type": "websocket.accept"})
+    parser = PROTOCOLS[-1].conn.parser
+    assert parser.gi_code is Protocol.parse.__code__, "the handshake parser is still in use"
+    while (message := await receive())["type"] != "websocket.disconnect":
+        await send({"type": "websocket.send", "text": message["text"]})
 
 
 @pytest.fixture
@@ -151,7 +161,9 @@ async def lean_server() -> AsyncIterator[int]:
     config.load()
     state = ServerState()
     server = await asyncio.get_running_loop().create_server(
-        lambda: LeanWebSocketsProtocol(config, state, {}), "127.0.0.1", 0
+        lambda: PROTOCOLS.append(LeanWebSocketsProtocol(config, state, {})) or PROTOCOLS[-1],
+        "127.0.0.1",
+        0,
     )
     try:
         yield server.sockets[0].getsockname()[1]
@@ -163,22 +175,28 @@ async def lean_server() -> AsyncIterator[int]:
             task.cancel()
 
 
+def _handshake(sock: socket.socket, port: int) -> bytes:
+    """The opening handshake on ``sock``; what was read (the 101 response, maybe more)."""
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        (
+            f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\n\r\n"
+        ).encode()
+    )
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(4096)
+    assert reply.startswith(b"HTTP/1.1 101"), reply
+    return reply
+
+
 def _client_refused_frame(port: int, size: int) -> tuple[int, bytes]:
     """Handshake, send a ``size``-byte text frame in two parts (the close comes after the
     first), answer the close, read to the end. The close code received and what ended it."""
-    key = base64.b64encode(os.urandom(16)).decode()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(
-            (
-                f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\n"
-                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
-                "Sec-WebSocket-Version: 13\r\n\r\n"
-            ).encode()
-        )
-        reply = b""
-        while b"\r\n\r\n" not in reply:
-            reply += sock.recv(4096)
-        assert reply.startswith(b"HTTP/1.1 101"), reply
+        reply = _handshake(sock, port)
         frame = Frame(Opcode.TEXT, b"x" * size).serialize(mask=True)
         sock.sendall(frame[:16384])
         data = reply.split(b"\r\n\r\n", 1)[1]
@@ -213,6 +231,32 @@ def test_the_drain_skips_payloads_and_stops_at_the_close_frame() -> None:
         results = [drain.feed(stream[i : i + chunk]) for i in range(0, len(stream), chunk)]
         assert results[-1] is True and not any(results[:-1]), chunk
         assert len(drain.pending) <= len(close), "payloads were stored"
+
+
+def test_the_handshake_parser_is_the_frame_parser_behind_a_request() -> None:
+    """release_handshake_parser swaps websockets' server parser for the frame parser it
+    delegates to once the request is read."""
+    source = inspect.getsource(ServerProtocol.parse)
+    assert "request = yield from Request.parse(" in source, UPGRADE_HINT.format(version("uvicorn"))
+    assert source.rstrip().endswith("yield from super().parse()"), (
+        "websockets' ServerProtocol.parse no longer ends by delegating to Protocol.parse; "
+        "re-check LeanWebSocketsProtocol.release_handshake_parser"
+    )
+
+
+async def test_after_the_handshake_frames_flow_and_the_request_is_not_kept(
+    lean_server: int,
+) -> None:
+    def echo() -> bytes:
+        with socket.create_connection(("127.0.0.1", lean_server), timeout=10) as sock:
+            _handshake(sock, lean_server)
+            sock.sendall(Frame(Opcode.TEXT, b"hello").serialize(mask=True))
+            data = b""
+            while len(data) < 7:
+                data += sock.recv(4096)
+            return data
+
+    assert await asyncio.to_thread(echo) == b"\x81\x05hello"
 
 
 def test_the_protocol_keeps_the_unparsed_bytes_of_a_failure() -> None:
