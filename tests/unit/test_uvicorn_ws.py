@@ -29,7 +29,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from uvicorn.server import ServerState
 from websockets.frames import Close, CloseCode, Frame, Opcode
-from websockets.protocol import Protocol
+from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
 from infra.uvicorn_ws import (
@@ -38,6 +38,7 @@ from infra.uvicorn_ws import (
     LeanWebSocketsProtocol,
     RefusedFrameDrain,
     ServerProtocolKeepingUnparsedBytes,
+    text_frame,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -257,6 +258,23 @@ async def test_after_the_handshake_frames_flow_and_the_request_is_not_kept(
             return data
 
     assert await asyncio.to_thread(echo) == b"\x81\x05hello"
+
+
+@pytest.mark.parametrize("text", ["", "hello", "é" * 63, "x" * 126, "☃" * 30000, "x" * 70000])
+def test_a_text_frame_is_the_bytes_websockets_would_send(text: str) -> None:
+    protocol = ServerProtocol()
+    protocol.state = State.OPEN
+    protocol.send_text(text.encode())
+    assert text_frame(text) == b"".join(protocol.data_to_send())
+    assert text_frame(text) is text_frame(text)  # built once for the same object
+
+
+def test_uvicorn_sends_text_frames_the_way_the_shortcut_does() -> None:
+    source = inspect.getsource(WebSocketsSansIOProtocol.send)
+    assert "self.conn.send_text(text_data.encode())" in source, (
+        "uvicorn changed how it sends a text frame; re-check LeanWebSocketsProtocol.send. "
+        + UPGRADE_HINT.format(uvicorn.__version__)
+    )
 
 
 def test_the_protocol_keeps_the_unparsed_bytes_of_a_failure() -> None:
