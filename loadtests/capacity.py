@@ -335,9 +335,8 @@ def _redis_costs(room_s: float, k_room: float, single_s: float) -> tuple[float, 
 # -- reporting ----------------------------------------------------------------------------------
 
 
-def render(measured: Measured, plan: Plan) -> str:
-    """The sizing table a platform engineer can paste into a ticket."""
-    d = plan.demand
+def render_measured(measured: Measured) -> str:
+    """What the probe measured (printed with the plan, and alone when no plan can be made)."""
     lines = [
         f"Measured on this host (probe: {measured.probe_connections:,} connections in rooms of "
         f"{measured.probe_room_size}, {measured.probe_processes} worker processes, "
@@ -356,6 +355,15 @@ def render(measured: Measured, plan: Plan) -> str:
         "  (CPU while the connections sat idle, taken off the above: "
         + ", ".join(f"{role} {cores:.3f} cores" for role, cores in measured.idle_cores.items())
         + ")",
+    ]
+    return "\n".join(lines)
+
+
+def render(measured: Measured, plan: Plan) -> str:
+    """The sizing table a platform engineer can paste into a ticket."""
+    d = plan.demand
+    lines = [
+        render_measured(measured),
         "",
         f"Plan for {d.connections:,} connections, {d.deliveries_per_second:,.0f} deliveries/s, "
         f"rooms of {d.room_size} ({plan.messages_per_second:,.0f} messages/s published), "
@@ -387,13 +395,19 @@ def render(measured: Measured, plan: Plan) -> str:
     return "\n".join(lines)
 
 
-def as_json(measured: Measured, plan: Plan, argv: list[str]) -> dict[str, Any]:
-    plan_dict = asdict(plan)
-    plan_dict["total_memory_gib"] = plan.total_memory_gib
+def as_json(
+    measured: Measured, plan: Plan | None, argv: list[str], refused: str | None = None
+) -> dict[str, Any]:
+    """The report's JSON: the measurement, the plan (``None`` with the reason when refused)."""
+    plan_dict = None
+    if plan is not None:
+        plan_dict = asdict(plan)
+        plan_dict["total_memory_gib"] = plan.total_memory_gib
     return {
         "argv": argv,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "measured": asdict(measured),
         "plan": plan_dict,
+        "refused": refused,
         "centrifugo_published": CENTRIFUGO,
     }

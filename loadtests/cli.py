@@ -301,9 +301,6 @@ def capacity(args: argparse.Namespace, argv: list[str]) -> int:
                 rate=args.probe_rate,
                 seconds=args.probe_seconds,
             )
-        plan = planner.project(
-            measured, demand, headroom=args.headroom, cores_per_pod=args.cores_per_pod
-        )
     except planner.CannotExtrapolate as exc:
         print(f"cannot size this: {exc}", file=sys.stderr)
         return EXIT_CANNOT_EXTRAPOLATE
@@ -311,8 +308,18 @@ def capacity(args: argparse.Namespace, argv: list[str]) -> int:
         if target.managed:
             with contextlib.redirect_stdout(sys.stderr):
                 target.stop(keep=args.keep)
-    print(planner.render(measured, plan))
     json_path = args.json or args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-capacity.json"
+    try:
+        plan = planner.project(
+            measured, demand, headroom=args.headroom, cores_per_pod=args.cores_per_pod
+        )
+    except planner.CannotExtrapolate as exc:
+        print(planner.render_measured(measured))
+        report.write_json(planner.as_json(measured, None, argv, refused=str(exc)), json_path)
+        print(f"JSON report: {json_path}")
+        print(f"cannot size this: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_EXTRAPOLATE
+    print(planner.render(measured, plan))
     report.write_json(planner.as_json(measured, plan, argv), json_path)
     print(f"JSON report: {json_path}")
     return 0

@@ -20,6 +20,7 @@ from loadtests.capacity import (
     expected_processes_per_room,
     project,
     render,
+    render_measured,
 )
 
 MEASURED = Measured(
@@ -151,3 +152,12 @@ def test_the_report_has_the_sizing_and_the_published_comparison() -> None:
     document = json.loads(json.dumps(as_json(MEASURED, plan, ["capacity"])))
     assert document["plan"]["pods"] == plan.pods
     assert document["measured"]["app_us_per_delivery"] == MEASURED.app_us_per_delivery
+
+
+def test_a_refused_plan_still_reports_what_was_measured() -> None:
+    saturated = dataclasses.replace(MEASURED, probe_p99_ms=450.0)
+    with pytest.raises(CannotExtrapolate) as refused:
+        project(saturated, DEMAND)
+    document = json.loads(json.dumps(as_json(saturated, None, ["capacity"], str(refused.value))))
+    assert document["plan"] is None and "saturated" in document["refused"]
+    assert "450 ms" in render_measured(saturated)
