@@ -258,7 +258,8 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
             and not self.conn.extensions
             and self.conn.state is State.OPEN
         ):
-            await self.writable.wait()
+            if not self.writable.is_set():  # the peer stopped reading: wait, as uvicorn does
+                await self.writable.wait()
             if self.disconnected:
                 raise ClientDisconnected()
             if not self.close_sent and self.conn.state is State.OPEN:
