@@ -15,8 +15,8 @@ Examples::
     python -m loadtests fanout --target https://localhost:8443            # make start first
     python -m loadtests fanout --target switchboard                       # the tool starts one
     python -m loadtests compare knee --target switchboard --target tutorial --target nodjango
-    python -m loadtests capacity --connections 1000000 --deliveries-per-second 500000 \
-        --target switchboard
+    python -m loadtests capacity --connections 1000000 --deliveries-per-second 500000
+        (against the stack `make start` runs; --target switchboard starts one of its own)
 
 Exit status: 0 pass; 1 unexpected loss; 2 usage; 3 connect failures above
 --max-connect-failures; 4 no cross-process delivery seen; 5 latency limit missed (bigroom);
@@ -107,12 +107,12 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
+def _common_flags(parser: argparse.ArgumentParser, *, target_required: bool = True) -> None:
     g = parser.add_argument_group("targets and output")
     g.add_argument(
         "--target",
         action="append",
-        required=True,
+        required=target_required,
         metavar="URL|NAME[:K=V,...]",
         help="https://host:port of a running stack, or switchboard | tutorial | "
         "nodjango to start one (repeat for compare)",
@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--probe-seconds", type=float, default=10.0, help="seconds per phase (10)")
     g.add_argument("--hold", type=float, default=10.0, help="seconds idle before memory (10)")
-    _common_flags(p)
+    _common_flags(p, target_required=False)
     p = sub.add_parser("compare", help="one scenario against several targets, interleaved")
     p.add_argument("compared", choices=SCENARIOS, help="the scenario to run")
     _scenario_flags(p)
@@ -268,6 +268,10 @@ def capacity(args: argparse.Namespace, argv: list[str]) -> int:
     from loadtests.scenarios import Session, TargetRun
     from loadtests.targets import TargetError, parse_target
 
+    if args.target is None:  # the native stack `make start` runs
+        from config import env
+
+        args.target = [f"https://localhost:{env.get_int('SWITCHBOARD_HTTPS_PORT')}"]
     if len(args.target) != 1:
         print("capacity measures one --target", file=sys.stderr)
         return EXIT_USAGE
