@@ -185,3 +185,22 @@ def test_a_start_that_fails_later_stops_what_it_started(tmp_path: Path) -> None:
         time.sleep(0.2)
     assert processes_mentioning(str(stack.run_dir)) == set()
     assert not stack.is_running()
+
+
+def test_make_run_refuses_a_taken_port_too(tmp_path: Path) -> None:
+    stack = RunningStack(tmp_path / "run", replicas=1).stack
+    with plain_listener(stack.http_port) as holder:
+        result = subprocess.run(
+            [sys.executable, "-m", "infra.stack", "run"],  # what `make run` execs
+            cwd=ROOT,
+            env=stack.environ,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode != 0
+    assert f"port {stack.http_port} (nginx HTTP) is already in use by pid {holder}" in (
+        result.stderr
+    ), result.stderr
+    assert "set SWITCHBOARD_HTTP_PORT to another port" in result.stderr
+    assert not (stack.run_dir / "supervisord.conf").exists()
