@@ -51,6 +51,8 @@ from websockets.streams import StreamReader
 
 #: A client frame's mask key follows its length field (RFC 6455, 5.2).
 MASK_BYTES = 4
+#: The longest payload of a control frame (RFC 6455, 5.5).
+MAX_CONTROL_PAYLOAD = 125
 
 
 class LeanQueue:
@@ -182,7 +184,9 @@ class RefusedFrameDrain:
             opcode, header_length, payload_length = header
             frame_length = header_length + payload_length
             if opcode == Opcode.CLOSE:
-                return len(self.pending) >= frame_length
+                # A control frame carries at most 125 bytes (RFC 6455, 5.5): a longer one is
+                # not waited for (it would be stored), the connection just ends.
+                return payload_length > MAX_CONTROL_PAYLOAD or len(self.pending) >= frame_length
             consumed = min(frame_length, len(self.pending))
             del self.pending[:consumed]
             if consumed < frame_length:

@@ -277,6 +277,12 @@ def test_uvicorn_sends_text_frames_the_way_the_shortcut_does() -> None:
     )
 
 
+def test_the_drain_does_not_store_a_close_frame_that_claims_to_be_huge() -> None:
+    drain = RefusedFrameDrain(0)
+    header = b"\x88\xff" + (2**40).to_bytes(8, "big") + b"mask"  # close, 1 TiB, masked
+    assert drain.feed(header) is True
+
+
 def test_the_protocol_keeps_the_unparsed_bytes_of_a_failure() -> None:
     protocol = ServerProtocolKeepingUnparsedBytes(max_size=MAX_SIZE)
     assert isinstance(protocol.reader.buffer, bytearray), UPGRADE_HINT.format(uvicorn.__version__)
