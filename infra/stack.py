@@ -17,6 +17,8 @@ come from the environment (app/config/env.py); nothing here is a second copy of 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import secrets
 import shutil
@@ -38,6 +40,8 @@ from infra.certs import ensure_certificates  # noqa: E402
 NGINX_DIR = ROOT / "nginx"
 SITE_TEMPLATE = NGINX_DIR / "templates" / "switchboard.conf.template"
 BIN = Path(sys.executable).parent
+#: The site's ``listen <port>`` and ``listen [::]:<port>``: every interface. Only probed here.
+NGINX_ADDRESSES = ("0.0.0.0", "::")  # noqa: S104
 
 
 def _system_binary(name: str) -> str:
@@ -57,21 +61,83 @@ def render(template: str, values: dict[str, str]) -> str:
     return template
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as probe:
+def _port_free_on(host: str, port: int) -> bool:
+    """Whether a listener could bind ``host:port`` now (SO_REUSEADDR, as servers bind)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        probe = socket.socket(family, socket.SOCK_STREAM)
+    except OSError:
+        return True  # no IPv6 here: nothing can hold the port on it
+    with probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
+            probe.bind((host, port))
+        except OSError as exc:
+            # No IPv6 address here (EADDRNOTAVAIL): nothing can hold the port on it either.
+            return exc.errno == errno.EADDRNOTAVAIL
     return True
 
 
+def port_holder(port: int) -> str | None:
+    """The process holding TCP ``port`` (listening on it, or a connection using it as its local
+    port), as ``pid N (command line)``, from /proc (the sockets of /proc/net/tcp{,6} matched
+    against every process's file descriptors); ``None`` when no socket holds it, a note when it
+    belongs to a process this user cannot inspect."""
+    inodes: dict[str, str] = {}  # socket -> what it is, listeners first
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[9] != "0":
+                listening = fields[3] == "0A"
+                inodes[f"socket:[{fields[9]}]"] = "" if listening else " (a connection from it)"
+    if not inodes:
+        return None
+    holders = []
+    for process in Path("/proc").iterdir():
+        if not process.name.isdigit():
+            continue
+        try:
+            fds = list((process / "fd").iterdir())
+            command = (process / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue  # gone, or another user's
+        for fd in fds:
+            with contextlib.suppress(OSError):  # closed meanwhile (the listing's own, too)
+                if (link := os.readlink(fd)) in inodes:
+                    holders.append((inodes[link], process.name, command))
+    if holders:
+        what, pid, command = min(holders)  # a listener before a connection
+        return f"pid {pid} ({' '.join(command.split())[:100]}){what}"
+    return "a process of another user"
+
+
+#: Where free_port_block looks: below the kernel's ephemeral range, which outgoing connections
+#: take ports from at any moment (a test stack once drew a port a client socket held).
+FREE_PORTS_FROM = 20000
+
+
+def _ephemeral_ports() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+    except (OSError, ValueError):
+        return 32768, 60999
+    return int(low), int(high)
+
+
 def free_port_block(count: int, attempts: int = 200) -> int:
-    """The first of ``count`` consecutive loopback ports that are free right now."""
+    """The first of ``count`` consecutive ports that any of the stack's listeners could bind
+    now (on every address, as :meth:`Stack.check_ports` checks them), outside the ephemeral
+    range when there is room below it."""
+    ephemeral_low, _ = _ephemeral_ports()
+    top = ephemeral_low if ephemeral_low - count > FREE_PORTS_FROM + 1000 else 60000
     for _ in range(attempts):
-        base = secrets.randbelow(40000 - count) + 20000
-        if all(_port_free(base + i) for i in range(count)):
+        base = secrets.randbelow(top - count - FREE_PORTS_FROM) + FREE_PORTS_FROM
+        ports = range(base, base + count)
+        if all(_port_free_on(host, port) for port in ports for host in NGINX_ADDRESSES):
             return base
     raise RuntimeError(f"found no {count} consecutive free ports")
 
@@ -158,6 +224,39 @@ class Stack:
 
     def replica_name(self, index: int) -> str:
         return f"{socket.gethostname()}-app{index}"
+
+    # -- ports ---------------------------------------------------------------------------------
+    def listeners(self) -> list[tuple[int, str, str, tuple[str, ...]]]:
+        """``(port, the SWITCHBOARD_* variable that sets it, who listens, on which addresses)``
+        for every port the stack binds."""
+        bind_host = env.get("BIND_HOST", self.environ)
+        found = [
+            (self.redis_port, "SWITCHBOARD_REDIS_PORT", "Redis", ("127.0.0.1", "::1")),
+            (self.https_port, "SWITCHBOARD_HTTPS_PORT", "nginx HTTPS", NGINX_ADDRESSES),
+            (self.http_port, "SWITCHBOARD_HTTP_PORT", "nginx HTTP", NGINX_ADDRESSES),
+        ]
+        found += [
+            (port, "SWITCHBOARD_APP_PORT_BASE", f"replica app{index}", (bind_host,))
+            for index, port in enumerate(self.app_ports, start=1)
+        ]
+        return found
+
+    def check_ports(self) -> None:
+        """Refuse to start, naming each port that is taken, who holds it and the variable to
+        change, before anything is started or written: a stack that starts beside a foreign
+        listener serves half-broken (a foreign redis-server on the Redis port: pages answer
+        200, every websocket fails, and the app talks to the wrong Redis)."""
+        taken = []
+        for port, variable, role, hosts in self.listeners():
+            if all(_port_free_on(host, port) for host in hosts):
+                continue
+            holder = port_holder(port) or "an unknown process"
+            taken.append(
+                f"  port {port} ({role}) is already in use by {holder}: "
+                f"set {variable} to another port, or stop that process"
+            )
+        if taken:
+            raise SystemExit("cannot start the stack:\n" + "\n".join(taken))
 
     # -- preparation ---------------------------------------------------------------------------
     def _secret(self, name: str, nbytes: int = 32) -> str:
@@ -358,6 +457,7 @@ class Stack:
         return self.app_environment()
 
     def run_foreground(self) -> None:
+        self.check_ports()
         self.prepare(foreground=True)
         self._banner()
         os.execve(  # noqa: S606 (the launcher becomes supervisord / manage.py)
@@ -369,18 +469,25 @@ class Stack:
     def start(self, timeout: float = 60) -> None:
         if self.is_running():
             raise SystemExit(f"a stack is already running from {self.run_dir} (make stop)")
+        self.check_ports()
         self.prepare(foreground=False)
         subprocess.run(
             [str(BIN / "supervisord"), "-c", str(self.supervisor_conf)],
             env=self._supervisor_env(),
             check=True,
         )
-        # supervisord's launcher exits as it daemonizes, a moment before the daemon writes its
-        # pid file; wait_ready() would otherwise take "no pid file" for "it died" and give up.
-        deadline = time.monotonic() + 10
-        while not self.is_running() and time.monotonic() < deadline:
-            time.sleep(0.05)
-        self.wait_ready(timeout)
+        try:
+            # supervisord's launcher exits as it daemonizes, a moment before the daemon writes
+            # its pid file; wait_ready() would otherwise take "no pid file" for "it died".
+            deadline = time.monotonic() + 10
+            while not self.is_running() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.wait_ready(timeout)
+        except BaseException:
+            # A stack that did not get ready must not stay half up (make start failed).
+            if self.is_running():
+                self.stop()
+            raise
         self._banner()
 
     def supervisorctl(self, *args: str, check: bool = False) -> subprocess.CompletedProcess[str]:

@@ -7,15 +7,20 @@ Scenarios::
     connections  ramp N idle websockets, hold, server RSS per connection, broadcast check
     bigroom      one room of M members (default 1,000) across every process
     compare      one of the above against two or more targets, interleaved, with ratios
+    capacity     measure this hardware, then size a deployment for N connections and R
+                 deliveries/s: pods, front-proxy cores, Redis shards (loadtests/capacity.py)
 
 Examples::
 
     python -m loadtests fanout --target https://localhost:8443            # make start first
     python -m loadtests fanout --target switchboard                       # the tool starts one
     python -m loadtests compare knee --target switchboard --target tutorial --target nodjango
+    python -m loadtests capacity --connections 1000000 --deliveries-per-second 500000
+        (against the stack `make start` runs; --target switchboard starts one of its own)
 
 Exit status: 0 pass; 1 unexpected loss; 2 usage; 3 connect failures above
---max-connect-failures; 4 no cross-process delivery seen; 5 latency limit missed (bigroom).
+--max-connect-failures; 4 no cross-process delivery seen; 5 latency limit missed (bigroom);
+6 capacity: the target cannot be extrapolated to from what was measured (the reason is printed).
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ from loadtests.scenarios import Options
 
 SCENARIOS = ("fanout", "knee", "connections", "bigroom")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+#: capacity: the demand cannot be extrapolated to from what was measured.
+EXIT_CANNOT_EXTRAPOLATE = 6
 
 #: Per-scenario defaults; flags the user gives win. The knee defaults are the issue's anchor
 #: setup -- 200 connections in rooms of 10, everyone sending, stepped up -- starting at 1/16
@@ -100,12 +107,12 @@ def _scenario_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _common_flags(parser: argparse.ArgumentParser) -> None:
+def _common_flags(parser: argparse.ArgumentParser, *, target_required: bool = True) -> None:
     g = parser.add_argument_group("targets and output")
     g.add_argument(
         "--target",
         action="append",
-        required=True,
+        required=target_required,
         metavar="URL|NAME[:K=V,...]",
         help="https://host:port of a running stack, or switchboard | tutorial | "
         "nodjango to start one (repeat for compare)",
@@ -165,6 +172,26 @@ def build_parser() -> argparse.ArgumentParser:
         "keep it running until Ctrl-C, e.g. to profile it",
     )
     p.add_argument("spec", metavar="NAME[:K=V,...]")
+    p = sub.add_parser(
+        "capacity",
+        help="measure this hardware and size a deployment (pods, proxy cores, Redis shards)",
+    )
+    g = p.add_argument_group("what to size for")
+    g.add_argument("--connections", type=int, required=True, help="open websockets to serve")
+    g.add_argument(
+        "--deliveries-per-second", type=float, required=True, help="frames delivered per second"
+    )
+    g.add_argument("--room-size", type=int, default=10, help="members per room (default: 10)")
+    g.add_argument("--headroom", type=float, default=0.3, help="fraction kept free (0.3)")
+    g.add_argument("--cores-per-pod", type=int, default=2, help="cores of one app pod (2)")
+    g = p.add_argument_group("the probe (what is measured on this hardware)")
+    g.add_argument("--probe-connections", type=int, default=2000, help="websockets held (2000)")
+    g.add_argument(
+        "--probe-rate", type=float, default=3000.0, help="deliveries/s while measuring (3000)"
+    )
+    g.add_argument("--probe-seconds", type=float, default=10.0, help="seconds per phase (10)")
+    g.add_argument("--hold", type=float, default=10.0, help="seconds idle before memory (10)")
+    _common_flags(p, target_required=False)
     p = sub.add_parser("compare", help="one scenario against several targets, interleaved")
     p.add_argument("compared", choices=SCENARIOS, help="the scenario to run")
     _scenario_flags(p)
@@ -186,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.scenario == "serve":
         return serve(args.spec)
+    if args.scenario == "capacity":
+        return capacity(args, argv)
     comparing = args.scenario == "compare"
     scenario = args.compared if comparing else args.scenario
     if comparing and len(args.target) < 2:
@@ -226,6 +255,77 @@ def serve(spec: str) -> int:
         pass
     finally:
         target.stop()
+    return 0
+
+
+def capacity(args: argparse.Namespace, argv: list[str]) -> int:
+    """Measure one target, project the measurement onto the demand, print and save the plan."""
+    from loadtests import capacity as planner
+    from loadtests import report
+    from loadtests.client import ClientPool
+    from loadtests.progress import Progress
+    from loadtests.runner import EXIT_USAGE
+    from loadtests.scenarios import Session, TargetRun
+    from loadtests.targets import TargetError, parse_target
+
+    if args.target is None:  # the native stack `make start` runs
+        from config import env
+
+        args.target = [f"https://localhost:{env.get_int('SWITCHBOARD_HTTPS_PORT')}"]
+    if len(args.target) != 1:
+        print("capacity measures one --target", file=sys.stderr)
+        return EXIT_USAGE
+    demand = planner.Demand(args.connections, args.deliveries_per_second, args.room_size)
+    try:
+        planner.check_demand(
+            demand, headroom=args.headroom, probe_connections=args.probe_connections
+        )
+        target = parse_target(
+            args.target[0], ca_file=args.ca, origin=args.origin, run_dir=args.run_dir
+        )
+    except planner.CannotExtrapolate as exc:
+        print(f"cannot size this: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_EXTRAPOLATE
+    except TargetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    progress = Progress(enabled=not args.no_progress)
+    options = Options(connections=args.probe_connections, room_size=args.room_size, hold=args.hold)
+    try:
+        if target.managed:
+            progress.note(f"starting {target.label} ...")
+            with contextlib.redirect_stdout(sys.stderr):
+                target.start()
+        with ClientPool(args.clients, secrets.token_hex(3)) as pool:
+            session = Session(pool, pool.tag, options, progress)
+            measured = planner.measure(
+                session,
+                TargetRun(target),
+                room_size=args.room_size,
+                rate=args.probe_rate,
+                seconds=args.probe_seconds,
+            )
+    except planner.CannotExtrapolate as exc:
+        print(f"cannot size this: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_EXTRAPOLATE
+    finally:
+        if target.managed:
+            with contextlib.redirect_stdout(sys.stderr):
+                target.stop(keep=args.keep)
+    json_path = args.json or args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-capacity.json"
+    try:
+        plan = planner.project(
+            measured, demand, headroom=args.headroom, cores_per_pod=args.cores_per_pod
+        )
+    except planner.CannotExtrapolate as exc:
+        print(planner.render_measured(measured))
+        report.write_json(planner.as_json(measured, None, argv, refused=str(exc)), json_path)
+        print(f"JSON report: {json_path}")
+        print(f"cannot size this: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_EXTRAPOLATE
+    print(planner.render(measured, plan))
+    report.write_json(planner.as_json(measured, plan, argv), json_path)
+    print(f"JSON report: {json_path}")
     return 0
 
 

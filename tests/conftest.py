@@ -35,7 +35,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
             watchers.enter_context(
                 connect(
                     running.ws_url + f"/ws/chat/{IDLE_ROOM}/",
-                    ssl=running.ssl_context(),
+                    ssl=running.sync_client_ssl_context(),
                     origin=running.origin,
                     open_timeout=10,
                 )

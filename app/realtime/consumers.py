@@ -300,7 +300,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             return
         handler_name = kind.replace(".", "_")
         if not handler_name.startswith("websocket_") and not hasattr(self, handler_name):
-            logger.warning("ignored event of unknown type %r", kind)
+            DROPPED_EVENTS.drop(kind, "no handler for this type")
             return
         schema = self.event_schemas.get(kind)
         if schema is not None:

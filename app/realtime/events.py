@@ -2,9 +2,10 @@
 the fields a handler relies on, checked once at the consumer's boundary.
 
 A consumer declares, per event type it handles, an :class:`EventSchema`; ``GroupMemberConsumer``
-drops an event that does not match it (logged, at most once per type and problem every
-:data:`LOG_EVERY_SECONDS`, with a count) instead of letting the handler raise: a malformed event
-is sent to a whole group, and one ``KeyError`` per member would close every socket in the room.
+drops an event that does not match it, or that has no handler, instead of letting the handler
+raise (logged at most once per type and problem every :data:`LOG_EVERY_SECONDS`, with a count):
+a malformed event is sent to a whole group, and one ``KeyError`` per member would close every
+socket in the room -- and one log line per member would flood the log.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ logger = logging.getLogger("switchboard.ws")
 #: One warning per event type and problem this often at most (a room of 1,000 members gets
 #: 1,000 copies of one bad event), saying how many were dropped since the last one.
 LOG_EVERY_SECONDS = 10.0
+#: Distinct (type, problem) pairs remembered for that.
+KINDS_KEPT = 256
 
 
 @dataclass(frozen=True)
@@ -54,11 +57,15 @@ class DroppedEvents:
     def drop(self, kind: str, problem: str) -> None:
         self.total += 1
         key = (kind, problem)
+        if key not in self._logged_at and len(self._logged_at) >= KINDS_KEPT:
+            # Bounded: a sender of endless new types cannot grow these.
+            self._logged_at.clear()
+            self._unlogged.clear()
         self._unlogged[key] = self._unlogged.get(key, 0) + 1
         now = time.monotonic()
         if now - self._logged_at.get(key, -LOG_EVERY_SECONDS) >= LOG_EVERY_SECONDS:
             logger.warning(
-                "dropped %d malformed %r event(s) (%s); the sender must be fixed",
+                "dropped %d internal %r event(s): %s; the sender must be fixed",
                 self._unlogged.pop(key),
                 kind,
                 problem,

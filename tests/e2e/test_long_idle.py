@@ -33,7 +33,9 @@ def test_websockets_idle_for_minutes_still_receive(stack: RunningStack) -> None:
     from websockets.sync.client import connect
 
     with connect(
-        stack.ws_url + f"/ws/chat/{IDLE_ROOM}/", ssl=stack.ssl_context(), origin=stack.origin
+        stack.ws_url + f"/ws/chat/{IDLE_ROOM}/",
+        ssl=stack.sync_client_ssl_context(),
+        origin=stack.origin,
     ) as sender:
         sender.send(json.dumps({"message": "still there?"}))
         for ws in stack.idle_watchers:

@@ -2,8 +2,12 @@
 
 While it is down: every replica's /readyz says 503, senders get ``unavailable`` errors, sockets
 stay open, no worker restarts. Within 10 s of Redis answering again /readyz is 200 and delivery
-to the sockets that were open all along resumes by itself -- which needs the group memberships
-Redis forgot (it keeps nothing on disk) to be restored (channel_layer/membership.py).
+to the sockets that were open all along resumes by itself. With the default layer
+(``CHANNEL_LAYER=fanout``) each worker process holds its groups itself and subscribes them
+again on the new connection, refusing sends until every process has had time to
+(``channel_layer/layer.py``); the ``redis`` layer's memberships, which Redis forgot (it keeps
+nothing on disk), are restored by ``channel_layer/membership.py``
+(tests/faults/test_redis_layer.py).
 """
 
 from __future__ import annotations

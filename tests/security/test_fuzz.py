@@ -143,7 +143,7 @@ class Fuzzer:
     def _connect(self) -> ClientConnection:
         return connect(
             self.stack.ws_url + room_path(ROOM),
-            ssl=self.stack.ssl_context(),
+            ssl=self.stack.sync_client_ssl_context(),
             origin=self.stack.origin,
             open_timeout=10,
             max_size=None,
@@ -159,7 +159,7 @@ def room(stack: RunningStack) -> Iterator[tuple[Fuzzer, Observer, dict[str, int]
     fuzzer = Fuzzer(stack)
     with (
         connect(
-            stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(), origin=stack.origin
+            stack.ws_url + room_path(ROOM), ssl=stack.sync_client_ssl_context(), origin=stack.origin
         ) as watcher,
         fuzzer.held,
     ):
@@ -235,7 +235,7 @@ def test_the_room_was_unaffected_and_nothing_went_unhandled(
         assert fuzzer.outcomes.get(code, 0) > 0, (code, fuzzer.outcomes)
     # The bystander: still connected, got only chat messages, and still receives.
     with connect(
-        stack.ws_url + room_path(ROOM), ssl=stack.ssl_context(), origin=stack.origin
+        stack.ws_url + room_path(ROOM), ssl=stack.sync_client_ssl_context(), origin=stack.origin
     ) as sender:
         sender.send(json.dumps({"message": "still fine?", "ref": "canary"}))
         json.loads(sender.recv(timeout=10))

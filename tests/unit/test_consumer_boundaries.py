@@ -16,7 +16,7 @@ from django.urls import path
 
 from chat.routing import websocket_urlpatterns
 from realtime.consumers import GroupMemberConsumer
-from realtime.events import DROPPED_EVENTS
+from realtime.events import DROPPED_EVENTS, KINDS_KEPT, DroppedEvents
 from tests.unit.layer_probe import group_members_in_redis, messages_held_for
 
 pytestmark = pytest.mark.usefixtures("layer_on_redis")
@@ -90,7 +90,7 @@ async def test_a_malformed_internal_event_is_dropped_and_the_room_stays(
     assert await first.receive_nothing(timeout=0.2) and await second.receive_nothing(timeout=0)
     # Both copies were counted; the log says so at most once (not once per member).
     assert DROPPED_EVENTS.total == dropped_before + 2
-    logged = [r for r in caplog.records if "malformed" in r.getMessage()]
+    logged = [r for r in caplog.records if "internal" in r.getMessage()]
     assert len(logged) <= 1, [r.getMessage() for r in logged]
     await first.disconnect()
     await second.disconnect()
@@ -141,3 +141,20 @@ async def test_a_crashed_consumer_leaves_no_membership_and_no_mailbox(
     for _ in range(3):
         await layer.group_send("fragile", {"type": "explode"})
     assert await messages_held_for(layer, redis_url, channel) == 0
+
+
+def test_dropped_events_are_logged_once_per_kind_and_counted(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dropped = DroppedEvents()
+    with caplog.at_level(logging.WARNING, logger="switchboard.ws"):
+        for _ in range(1000):  # one bad event reaching a room of 1,000
+            dropped.drop("chat.message", "no 'id'")
+        dropped.drop("order.created", "no handler for this type")
+        for n in range(KINDS_KEPT * 3):  # endless new types: memory stays bounded
+            dropped.drop(f"kind-{n}", "no handler for this type")
+    assert dropped.total == 1000 + 1 + KINDS_KEPT * 3
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("'chat.message'" in line for line in lines) == 1
+    assert sum("'order.created'" in line for line in lines) == 1
+    assert len(dropped._logged_at) <= KINDS_KEPT and len(dropped._unlogged) <= KINDS_KEPT
