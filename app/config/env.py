@@ -82,6 +82,31 @@ SETTINGS: tuple[Setting, ...] = (
         "Redis for the channel layer and /readyz. `redis://` or `rediss://`, with password.",
     ),
     Setting(
+        "REDIS_TOPOLOGY",
+        "single",
+        DJANGO,
+        "`single`, `sentinel` or `cluster`: how REDIS_URL is read.",
+    ),
+    Setting(
+        "REDIS_SENTINELS",
+        "",
+        DJANGO,
+        "Comma-separated `host:port` of the Sentinels, with REDIS_TOPOLOGY=sentinel.",
+    ),
+    Setting(
+        "REDIS_SENTINEL_MASTER",
+        "switchboard",
+        DJANGO,
+        "The master name the Sentinels monitor.",
+    ),
+    Setting(
+        "CHANNEL_PREFIX",
+        "switchboard",
+        DJANGO,
+        "Prefix of every channel name in Redis; with the database number it keeps deployments "
+        "that share one Redis apart.",
+    ),
+    Setting(
         "REDIS_SOCKET_TIMEOUT",
         "15",
         DJANGO,
