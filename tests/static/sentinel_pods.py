@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.static.support import ROOT, wait_for
+
 SCRIPTS = ROOT / "k8s" / "components" / "redis-sentinel" / "scripts"
 PODS = 3
 SERVICE = "redis-sentinel"
@@ -132,16 +133,6 @@ class Pod:
             if process.poll() is None:
                 process.kill()
                 process.wait(10)
-
-
-def wait_for(condition: Any, limit: float) -> float | None:
-    """Seconds until ``condition()`` held (polled every 0.1 s), or None after ``limit``."""
-    start = time.monotonic()
-    while time.monotonic() - start < limit:
-        if condition():
-            return round(time.monotonic() - start, 2)
-        time.sleep(0.1)
-    return None
 
 
 def main(work: Path) -> dict[str, Any]:

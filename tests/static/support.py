@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -289,3 +294,34 @@ def app_container_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             environ[item["name"]] = ("field", item["valueFrom"]["fieldRef"]["fieldPath"])
     return environ
+
+
+# -- deployment files run for real, in a private network namespace ------------------------------
+
+
+def wait_for(condition: Callable[[], bool], limit: float) -> float | None:
+    """Seconds until ``condition()`` held (polled every 0.1 s), or None after ``limit``."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if condition():
+            return round(time.monotonic() - start, 2)
+        time.sleep(0.1)
+    return None
+
+
+def run_isolated(module: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+    """``python -m module *args`` in a new network, mount and PID namespace (only loopback, its
+    own /etc/hosts, every process it started gone when it ends); the JSON it prints last."""
+    namespace = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0:
+        namespace.insert(1, "--map-root-user")
+    result = subprocess.run(
+        [*namespace, sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

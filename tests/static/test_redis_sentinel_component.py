@@ -9,17 +9,14 @@ container rejoins as a replica of the new master, and preStop hands the master r
 
 from __future__ import annotations
 
-import json
-import os
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.static.sentinel_pods import PODS, host
-from tests.validators import run
+from tests.static.support import run_isolated
 
 #: down-after-milliseconds in start-sentinel.sh is 5 s; the election follows within seconds.
 DOWN_AFTER = 5.0
@@ -31,17 +28,7 @@ def seen(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         "redis-server is missing: infra/install-system-deps.sh installs it"
     )
     work = tmp_path_factory.mktemp("sentinel-pods")
-    namespace = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
-    if os.geteuid() != 0:
-        namespace.insert(1, "--map-root-user")
-    root = Path(__file__).resolve().parents[2]
-    result = run(
-        [*namespace, sys.executable, "-m", "tests.static.sentinel_pods", str(work)],
-        cwd=root,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return run_isolated("tests.static.sentinel_pods", str(work))
 
 
 def test_first_start_makes_pod_0_the_master_and_the_others_its_replicas(
