@@ -52,5 +52,6 @@ def test_it_survives_what_it_is_for(seen: dict[str, Any]) -> None:
         assert seen["second_create_says"] == ["cluster already formed"]
     else:
         assert seen["promoted_after"] is not None, "no promotion within 40 s"
-        assert seen["promoted_after"] >= 4.5, "promoted before down-after (5 s)?"
+        # Sentinels ping every second, so the 5 s down-after may start up to 1 s before the kill.
+        assert seen["promoted_after"] >= 3.5, "promoted before down-after (5 s)?"
         assert seen["replica_role_after"] == ["master"]

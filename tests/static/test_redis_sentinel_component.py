@@ -47,7 +47,8 @@ def test_a_killed_master_is_replaced_and_rejoins_as_a_replica(seen: dict[str, An
     assert seen["probe_of_a_dead_redis"] is False, "the probe must fail on a dead Redis"
     promoted = seen["promoted_after"]
     assert promoted is not None, "no promotion within 40 s"
-    assert promoted >= DOWN_AFTER - 0.5, "promoted before the master was declared down?"
+    # Sentinels ping every second: down-after may start counting up to 1 s before the kill.
+    assert promoted >= DOWN_AFTER - 1.5, "promoted before the master was declared down?"
     assert seen["new_master"] in {host(i) for i in range(1, PODS)}
     assert seen["restarted_first_start"] == f"starting as replica of {seen['new_master']}"
     assert seen["restarted_role"] == ["slave", seen["new_master"]]
