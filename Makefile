@@ -11,8 +11,9 @@ BIN    := $(VENV)/bin
 VALIDATORS ?= .venv-validators
 # Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
 # envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
-# browser test (tests/browser, driven by Playwright; its own browser download is never used).
-TEST_PACKAGES ?= postgresql gettext-base chromium
+# browser test (tests/browser, driven by Playwright; its own browser download is never used),
+# iproute2 (`ip`) for the network namespaces of tests/static/sentinel_pods.py, compose_redis.py.
+TEST_PACKAGES ?= postgresql gettext-base chromium iproute2
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 

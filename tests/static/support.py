@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
+import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +17,44 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = ROOT / "docker-compose.yml"
+#: Redis topology -> the override files added with -f for it (README, "Run it in containers").
+COMPOSE_TOPOLOGIES: dict[str, tuple[Path, ...]] = {
+    "single": (),
+    "cluster": (ROOT / "docker-compose.redis-cluster.yml",),
+    "sentinel": (ROOT / "docker-compose.redis-sentinel.yml",),
+}
+COMPOSE_FILES = (COMPOSE_FILE, *(f for files in COMPOSE_TOPOLOGIES.values() for f in files))
 ENV_EXAMPLE = ROOT / ".env.example"
 DOCKERFILE = ROOT / "Dockerfile"
-OVERLAYS = ("local", "production")
+#: What tests/static renders with `kubectl kustomize`: each overlay as shipped, and each with its
+#: Redis swapped for components/redis-sentinel the way the overlay's comment and README.md say
+#: (one line of its kustomization.yaml). target -> (overlay, (line, replacement) or None).
+K8S_TARGETS: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "local": ("local", None),
+    "production": ("production", None),
+    "local+redis-sentinel": ("local", ("  - redis\n", "  - ../../components/redis-sentinel\n")),
+    "production+redis-sentinel": (
+        "production",
+        ("  - ../../components/managed-redis-cluster\n", "  - ../../components/redis-sentinel\n"),
+    ),
+}
+OVERLAYS = tuple(K8S_TARGETS)
+
+
+def overlay_of(target: str) -> str:
+    """The overlay directory a render target builds on (``local`` or ``production``)."""
+    return K8S_TARGETS[target][0]
+
+
+def redis_kind(target: str) -> str:
+    """Which Redis a target runs the layer on: ``single``, ``managed-cluster`` or ``sentinel``."""
+    if K8S_TARGETS[target][1] is not None:
+        return "sentinel"
+    return "single" if overlay_of(target) == "local" else "managed-cluster"
+
 
 #: Services that run once and exit; everything else must be healthy to be depended on.
-ONE_SHOT_SERVICES = {"certs", "migrate"}
+ONE_SHOT_SERVICES = {"certs", "migrate", "redis-cluster-create"}
 
 
 def interpolate(value: str, environ: Mapping[str, str]) -> str:
@@ -108,21 +145,61 @@ def resolve(node: Any, environ: Mapping[str, str]) -> Any:
     return node
 
 
-def load_compose_raw() -> dict[str, Any]:
-    return yaml.safe_load(COMPOSE_FILE.read_text())
+def load_compose_raw(path: Path = COMPOSE_FILE) -> dict[str, Any]:
+    return yaml.safe_load(path.read_text())
 
 
-def load_compose(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """docker-compose.yml as `docker compose up` sees it with no .env (or with ``environ``)."""
-    return resolve(load_compose_raw(), environ or {})
+#: Service attributes an overriding file replaces instead of merging (compose-spec merge.md).
+_REPLACED_ON_MERGE = {("command",), ("entrypoint",), ("healthcheck", "test")}
+
+
+def merge_compose(base: Any, override: Any, path: tuple[str, ...] = ()) -> Any:
+    """``docker compose -f base -f override``'s merge, by the compose spec's rules (merge.md):
+    mappings merge key by key, sequences append, and ``command``, ``entrypoint`` and
+    ``healthcheck.test`` are replaced. The docker client here has no compose plugin, so
+    ``docker compose config`` cannot do it; this covers what the override files use and refuses
+    the rest (a sequence where the base has a mapping, or list-form environment/depends_on,
+    which compose would first normalise)."""
+    within_service = path[2:] if path[:1] == ("services",) else ()
+    if within_service in _REPLACED_ON_MERGE:
+        return override
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = dict(base)
+        for key, value in override.items():
+            merged[key] = merge_compose(base[key], value, (*path, key)) if key in base else value
+        return merged
+    if isinstance(base, list) and isinstance(override, list):
+        if within_service[:1] in {("environment",), ("depends_on",)}:
+            raise TypeError(f"{'.'.join(path)}: use the mapping form to merge")
+        return base + override
+    if isinstance(base, (dict, list)) or isinstance(override, (dict, list)):
+        raise TypeError(f"{'.'.join(path)}: cannot merge {type(base)} with {type(override)}")
+    return override
+
+
+def load_compose_topology_raw(topology: str) -> dict[str, Any]:
+    """docker-compose.yml merged with the override files of one Redis topology, uninterpolated."""
+    merged = load_compose_raw()
+    for path in COMPOSE_TOPOLOGIES[topology]:
+        merged = merge_compose(merged, load_compose_raw(path))
+    return merged
+
+
+def load_compose(
+    environ: Mapping[str, str] | None = None, topology: str = "single"
+) -> dict[str, Any]:
+    """docker-compose.yml (plus the override files of ``topology``) as `docker compose up` sees
+    it with no .env (or with ``environ``)."""
+    return resolve(load_compose_topology_raw(topology), environ or {})
 
 
 def compose_variables() -> dict[str, set[str | None]]:
-    """NAME -> every default it is given in docker-compose.yml."""
+    """NAME -> every default it is given in docker-compose.yml and its override files."""
     found: dict[str, set[str | None]] = {}
-    for text in walk_strings(load_compose_raw()):
-        for name, default in variables(text):
-            found.setdefault(name, set()).add(default)
+    for path in COMPOSE_FILES:
+        for text in walk_strings(load_compose_raw(path)):
+            for name, default in variables(text):
+                found.setdefault(name, set()).add(default)
     return found
 
 
@@ -217,3 +294,34 @@ def app_container_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             environ[item["name"]] = ("field", item["valueFrom"]["fieldRef"]["fieldPath"])
     return environ
+
+
+# -- deployment files run for real, in a private network namespace ------------------------------
+
+
+def wait_for(condition: Callable[[], bool], limit: float) -> float | None:
+    """Seconds until ``condition()`` held (polled every 0.1 s), or None after ``limit``."""
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        if condition():
+            return round(time.monotonic() - start, 2)
+        time.sleep(0.1)
+    return None
+
+
+def run_isolated(module: str, *args: str, timeout: float = 240) -> dict[str, Any]:
+    """``python -m module *args`` in a new network, mount and PID namespace (only loopback, its
+    own /etc/hosts, every process it started gone when it ends); the JSON it prints last."""
+    namespace = ["unshare", "--net", "--mount", "--pid", "--fork", "--mount-proc"]
+    if os.geteuid() != 0:
+        namespace.insert(1, "--map-root-user")
+    result = subprocess.run(
+        [*namespace, sys.executable, "-m", module, *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

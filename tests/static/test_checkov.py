@@ -74,6 +74,16 @@ def test_checkov_finds_nothing(
         expected = sum(len(docs) for docs in manifests.values())
         # checkov counts each object, plus extra entries for some workloads.
         assert summary["resource_count"] >= expected, "every rendered object was scanned"
+        # Each render target (overlays, and overlays with the Redis components) by itself.
+        scanned = {Path(c["file_path"]).stem for c in report["results"]["passed_checks"]}
+        assert scanned >= set(manifests), sorted(set(manifests) - scanned)
+        # The Sentinel component's StatefulSet is among what was checked.
+        sentinel = {
+            c["file_path"]
+            for c in report["results"]["passed_checks"]
+            if "redis-sentinel" in c["resource"]
+        }
+        assert {Path(f).stem for f in sentinel} == {t for t in manifests if "redis-sentinel" in t}
     else:
         assert summary["resource_count"] == 1
     assert checkov_report["_exit"]["code"] == 0

@@ -11,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from infra.certs import ensure_certificates
 from tests.static.support import (
-    COMPOSE_FILE,
+    COMPOSE_FILES,
+    COMPOSE_TOPOLOGIES,
     ONE_SHOT_SERVICES,
     ROOT,
     compose_variables,
@@ -22,6 +24,7 @@ from tests.static.support import (
     interpolate,
     load_compose,
     load_compose_raw,
+    load_compose_topology_raw,
     redis_url_parts,
     seconds,
 )
@@ -35,31 +38,60 @@ def compose() -> dict[str, Any]:
     return load_compose()
 
 
+@pytest.fixture(scope="module", params=list(COMPOSE_TOPOLOGIES))
+def any_compose(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """docker-compose.yml alone, and merged with each Redis topology's override file."""
+    return load_compose(topology=request.param)
+
+
 def _flag(command: list[str], flag: str) -> str:
     return command[command.index(flag) + 1]
 
 
-def test_compose_file_matches_the_compose_spec(vbin: Path) -> None:
+def _redis_services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: service
+        for name, service in compose["services"].items()
+        if service.get("image", "").startswith("redis:")
+    }
+
+
+def _argv(service: dict[str, Any]) -> list[str]:
+    """What the container runs: its entrypoint (the image's passes through) and command."""
+    return [*service.get("entrypoint", []), *service["command"]]
+
+
+def _check_jsonschema(vbin: Path, path: Path) -> None:
     result = run(
-        [
-            str(vbin / "check-jsonschema"),
-            "--builtin-schema",
-            "vendor.compose-spec",
-            str(COMPOSE_FILE),
-        ]
+        [str(vbin / "check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(path)]
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "ok -- validation done" in result.stdout
-    assert "version" not in load_compose_raw(), "the compose spec has no `version:`"
 
 
-def test_services_are_replicated_private_and_healthchecked(compose: dict[str, Any]) -> None:
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=[p.name for p in COMPOSE_FILES])
+def test_compose_files_match_the_compose_spec(vbin: Path, path: Path) -> None:
+    _check_jsonschema(vbin, path)
+    assert "version" not in load_compose_raw(path), "the compose spec has no `version:`"
+
+
+@pytest.mark.parametrize("topology", [t for t in COMPOSE_TOPOLOGIES if COMPOSE_TOPOLOGIES[t]])
+def test_merged_compose_files_match_the_compose_spec(
+    vbin: Path, topology: str, tmp_path: Path
+) -> None:
+    merged = tmp_path / f"{topology}.yml"
+    merged.write_text(yaml.safe_dump(load_compose_topology_raw(topology), sort_keys=False))
+    _check_jsonschema(vbin, merged)
+
+
+def test_services_are_replicated_private_and_healthchecked(any_compose: dict[str, Any]) -> None:
+    compose = any_compose
     services = compose["services"]
     assert set(services) >= {"certs", "postgres", "redis", "migrate", "app", "nginx"}
     assert int(services["app"]["deploy"]["replicas"]) >= 3
 
     networks = compose["networks"]
-    for name in ("redis", "postgres"):
+    for name in ("postgres", *_redis_services(compose)):
         assert "ports" not in services[name], f"{name} is published on the host"
         assert services[name]["networks"] == ["back"], f"{name} must be on the back network only"
     assert networks["back"]["internal"] is True
@@ -88,8 +120,8 @@ def test_services_are_replicated_private_and_healthchecked(compose: dict[str, An
     assert seconds(services["app"]["stop_grace_period"]) > graceful
 
 
-def test_every_service_is_locked_down(compose: dict[str, Any]) -> None:
-    for name, service in compose["services"].items():
+def test_every_service_is_locked_down(any_compose: dict[str, Any]) -> None:
+    for name, service in any_compose["services"].items():
         assert service.get("read_only") is True, name
         assert service.get("cap_drop") == ["ALL"], name
         assert "no-new-privileges:true" in service.get("security_opt", []), name
@@ -140,6 +172,115 @@ def test_secrets_are_wired_and_their_defaults_say_dev_only(compose: dict[str, An
     assert _flag(custom["services"]["redis"]["command"], "--requirepass") == "s3cret-r"
     assert ":s3cret-p@" in custom_app["environment"]["DATABASE_URL"]
     assert custom_app["deploy"]["replicas"] == "5"
+
+
+def _sentinel_config(service: dict[str, Any]) -> list[str]:
+    """The lines a Sentinel service writes to its config file before it execs redis-sentinel
+    (``printf '%s\\n' LINE... > FILE && exec redis-sentinel FILE``), variables filled in."""
+    (script,) = service["command"]
+    tokens = shlex.split(script)
+    assert tokens[:2] == ["printf", "%s\\n"], script
+    redirect = tokens.index(">")
+    assert tokens[redirect + 2 :] == ["&&", "exec", "redis-sentinel", tokens[redirect + 1]]
+    assert tokens[redirect + 1].startswith("/data/"), "the config is written to the tmpfs"
+    environ = service["environment"]
+    return [re.sub(r"\$(\w+)", lambda m: environ[m.group(1)], line) for line in tokens[2:redirect]]
+
+
+@pytest.mark.parametrize("topology", COMPOSE_TOPOLOGIES)
+def test_every_redis_takes_the_apps_password_and_keeps_nothing(topology: str) -> None:
+    """Each Redis server and Sentinel of every topology: the password of the app's REDIS_URL,
+    the base file's image, noeviction, no persistence, and an authenticated healthcheck."""
+    compose = load_compose(topology=topology)
+    services = compose["services"]
+    password = redis_url_parts(services["app"]["environment"]["REDIS_URL"])["password"]
+    redis = _redis_services(compose)
+    assert len(redis) == {"single": 1, "cluster": 7, "sentinel": 5}[topology], sorted(redis)
+    for name, service in redis.items():
+        assert service["image"] == services["redis"]["image"], f"{name}: one Redis everywhere"
+        assert service["environment"]["REDISCLI_AUTH"] == password, name
+        if name in ONE_SHOT_SERVICES:
+            continue
+        assert "/data" in service["tmpfs"], f"{name}: its working directory is a tmpfs"
+        assert "REDISCLI_AUTH" not in str(service["healthcheck"]["test"]), "read from the env"
+        argv = _argv(service)
+        if argv[0] == "redis-server":
+            assert _flag(argv, "--requirepass") == password, name
+            if topology != "single":
+                assert _flag(argv, "--masterauth") == password, f"{name}: replicas authenticate"
+            assert _flag(argv, "--maxmemory-policy") == "noeviction", name
+            assert _flag(argv, "--save") == "" and _flag(argv, "--appendonly") == "no", name
+            assert "redis-cli ping" in service["healthcheck"]["test"][1], name
+        else:
+            config = _sentinel_config(service)
+            assert f"requirepass {password}" in config, name
+            assert f"sentinel sentinel-pass {password}" in config, name
+            assert any(re.fullmatch(rf"sentinel auth-pass \S+ {password}", c) for c in config)
+            assert "redis-cli -p 26379 ping" in service["healthcheck"]["test"][1], name
+
+
+def test_cluster_override_makes_three_masters_with_a_replica_each() -> None:
+    compose = load_compose(topology="cluster")
+    services = compose["services"]
+    nodes = {n: s for n, s in _redis_services(compose).items() if n not in ONE_SHOT_SERVICES}
+    for name, node in nodes.items():
+        argv = _argv(node)
+        assert _flag(argv, "--cluster-enabled") == "yes", name
+        # Slot maps and MOVED name the service, which Docker's DNS resolves on `back`.
+        assert _flag(argv, "--cluster-announce-hostname") == name
+        assert _flag(argv, "--cluster-preferred-endpoint-type") == "hostname", name
+        assert _flag(argv, "--cluster-config-file").startswith("/data/"), "on the tmpfs"
+        assert int(_flag(argv, "--cluster-node-timeout")) <= 5000, "failover well within 10 s"
+
+    create = services["redis-cluster-create"]
+    (script,) = create["command"]
+    found = re.search(r"--cluster create ((?:[\w.-]+:\d+ )+)--cluster-replicas (\d+)", script)
+    assert found, script
+    members = found.group(1).split()
+    replicas = int(found.group(2))
+    assert sorted(members) == sorted(f"{name}:6379" for name in nodes)
+    assert replicas == 1 and len(members) == 3 * (1 + replicas), "3 masters, a replica each"
+    assert "--cluster-yes" in script and re.search(r"for \w+ in \$\(seq \d+\)", script)
+    assert set(create["depends_on"]) == set(nodes)
+
+    app = services["app"]
+    assert app["depends_on"]["redis-cluster-create"] == {
+        "condition": "service_completed_successfully"
+    }
+    assert redis_url_parts(app["environment"]["REDIS_URL"])["host"] in nodes, "the seed node"
+    for name in ("app", "migrate"):
+        assert services[name]["environment"]["REDIS_TOPOLOGY"] == "cluster", name
+
+
+def test_sentinel_override_watches_one_master_and_its_replica() -> None:
+    compose = load_compose(topology="sentinel")
+    services = compose["services"]
+    redis = _redis_services(compose)
+    servers = {n: _argv(s) for n, s in redis.items() if _argv(s)[0] == "redis-server"}
+    sentinels = {n: _sentinel_config(s) for n, s in redis.items() if n not in servers}
+    assert set(servers) == {"redis", "redis-replica"} and len(sentinels) == 3
+    for name, argv in servers.items():
+        assert _flag(argv, "--replica-announce-ip") == name, "Sentinels report service names"
+    assert "--replicaof" not in servers["redis"], "redis starts as the master"
+    assert _flag(servers["redis-replica"], "--replicaof") == "redis"
+    assert servers["redis-replica"][servers["redis-replica"].index("--replicaof") + 2] == "6379"
+
+    app_env = services["app"]["environment"]
+    master = app_env["REDIS_SENTINEL_MASTER"]
+    for name, config in sentinels.items():
+        (monitor,) = [line.split() for line in config if line.startswith("sentinel monitor ")]
+        assert monitor[2:] == [master, "redis", "6379", "2"], f"{name}: quorum 2 of 3"
+        assert "sentinel resolve-hostnames yes" in config, "it monitors a service name"
+        (down_after,) = [
+            c for c in config if c.startswith(f"sentinel down-after-milliseconds {master} ")
+        ]
+        assert int(down_after.split()[-1]) <= 5000, "promotion well within 10 s"
+        assert set(services[name]["depends_on"]) == set(servers)
+    assert app_env["REDIS_TOPOLOGY"] == "sentinel"
+    assert app_env["REDIS_SENTINELS"].split(",") == [f"{name}:26379" for name in sorted(sentinels)]
+    assert services["migrate"]["environment"] == app_env
+    for name in sentinels:
+        assert services["app"]["depends_on"][name] == {"condition": "service_healthy"}
 
 
 def test_nginx_spreads_over_the_app_service_and_publishes_like_the_native_stack(

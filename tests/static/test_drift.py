@@ -13,11 +13,13 @@ import pytest
 
 from config import env
 from tests.static.support import (
+    COMPOSE_TOPOLOGIES,
     DOCKERFILE,
     OVERLAYS,
     app_container_env,
     load_compose,
     one,
+    redis_kind,
     redis_url_parts,
     seconds,
 )
@@ -30,6 +32,8 @@ OVERRIDES = {
     "FORWARDED_ALLOW_IPS": "the proxy's address varies; only the proxy can reach the app port",
     "DATABASE_URL": "PostgreSQL shared by every replica, not a SQLite file",
     "REDIS_URL": "the redis service, with its password",
+    "REDIS_TOPOLOGY": "the cluster and Sentinel variants say which they are",
+    "REDIS_SENTINELS": "the Sentinel variants' own Sentinels",
     "DJANGO_SECRET_KEY": "a real secret (dev-only default in compose)",
     "DJANGO_ALLOWED_HOSTS": "production serves its own host name",
     "DJANGO_CSRF_TRUSTED_ORIGINS": "production serves its own origin",
@@ -54,11 +58,15 @@ PINNED = (
     "CHAT_RATE_PER_SECOND",
     "CHAT_RATE_BURST",
     "CHAT_FLOOD_CLOSE_AFTER",
+    "CHANNEL_PREFIX",
 )
+#: Stated explicitly by every deployment, whatever their value: which Redis the layer expects.
+STATED = ("REDIS_TOPOLOGY",)
 
 
-def _compose_app_env() -> dict[str, str]:
-    return {k: str(v) for k, v in load_compose()["services"]["app"]["environment"].items()}
+def _compose_app_env(topology: str = "single") -> dict[str, str]:
+    services = load_compose(topology=topology)["services"]
+    return {k: str(v) for k, v in services["app"]["environment"].items()}
 
 
 def _k8s_app_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -68,7 +76,7 @@ def _k8s_app_env(docs: list[dict[str, Any]]) -> dict[str, Any]:
 def _check_names_and_values(environ: dict[str, Any], where: str) -> None:
     unknown = set(environ) - set(DEFAULTS) - set(EXTRA_NAMES)
     assert not unknown, f"{where}: not declared in app/config/env.py: {sorted(unknown)}"
-    for name in PINNED:
+    for name in (*PINNED, *STATED):
         assert name in environ, f"{where} must set {name}"
     for name, value in environ.items():
         if name in OVERRIDES or name in EXTRA_NAMES or isinstance(value, tuple):
@@ -78,8 +86,9 @@ def _check_names_and_values(environ: dict[str, Any], where: str) -> None:
         )
 
 
-def test_compose_uses_env_py_names_and_defaults() -> None:
-    _check_names_and_values(_compose_app_env(), "docker-compose.yml")
+@pytest.mark.parametrize("topology", COMPOSE_TOPOLOGIES)
+def test_compose_uses_env_py_names_and_defaults(topology: str) -> None:
+    _check_names_and_values(_compose_app_env(topology), f"docker-compose.yml ({topology})")
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -92,21 +101,65 @@ def test_kubernetes_uses_env_py_names_and_defaults(
     assert environ["DATABASE_URL"] == ("secret", "DATABASE_URL")
 
 
-def test_redis_url_has_the_same_shape_everywhere(manifests: dict[str, list[dict]]) -> None:
+#: k8s render target's Redis (support.redis_kind) -> the REDIS_TOPOLOGY it must state.
+K8S_TOPOLOGY = {"single": "single", "sentinel": "sentinel", "managed-cluster": "cluster"}
+
+
+def _check_redis_settings(environ: dict[str, Any], topology: str, where: str) -> None:
+    """What REDIS_TOPOLOGY says agrees with the rest of the Redis settings."""
+    assert environ["REDIS_TOPOLOGY"] == topology, where
+    sentinel_names = {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"}
+    if topology == "sentinel":
+        assert environ["REDIS_SENTINELS"] and sentinel_names <= set(environ), where
+        for entry in environ["REDIS_SENTINELS"].split(","):
+            host, port = entry.rsplit(":", 1)
+            assert host and port == "26379", f"{where}: {entry}"
+    else:
+        assert not sentinel_names & set(environ), f"{where}: Sentinel settings without Sentinel"
+    if isinstance(environ["REDIS_URL"], tuple):
+        return  # the whole URL is a Secret (managed Redis): test_kubernetes checks its example
     default = redis_url_parts(DEFAULTS["REDIS_URL"])
-    urls = {"compose": _compose_app_env()["REDIS_URL"]}
-    for overlay, docs in manifests.items():
-        urls[overlay] = _k8s_app_env(docs)["REDIS_URL"].replace("$(REDIS_PASSWORD)", "pw")
-    for where, url in urls.items():
-        parts = redis_url_parts(url)
-        assert parts["scheme"] == default["scheme"], where
-        assert parts["port"] == default["port"], where
-        assert parts["db"] == default["db"], where
-        assert parts["host"] == "redis", f"{where}: the redis service"
-        assert parts["password"], f"{where}: Redis requires a password"
-    for overlay, docs in manifests.items():
+    parts = redis_url_parts(environ["REDIS_URL"].replace("$(REDIS_PASSWORD)", "pw"))
+    assert parts["scheme"] == default["scheme"], where
+    assert parts["port"] == default["port"], where
+    assert parts["db"] == default["db"] == "0", f"{where}: cluster mode has database 0 only"
+    assert parts["password"], f"{where}: Redis requires a password"
+
+
+@pytest.mark.parametrize("topology", COMPOSE_TOPOLOGIES)
+def test_compose_redis_settings_match_its_topology(topology: str) -> None:
+    environ = _compose_app_env(topology)
+    _check_redis_settings(environ, topology, f"compose ({topology})")
+    services = load_compose(topology=topology)["services"]
+    host = redis_url_parts(environ["REDIS_URL"])["host"]
+    assert host == "redis" and host in services, "the seed node / first master"
+    if topology == "sentinel":
+        for entry in environ["REDIS_SENTINELS"].split(","):
+            assert entry.rsplit(":", 1)[0] in services, entry
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kubernetes_redis_settings_match_its_topology(
+    overlay: str, manifests: dict[str, list[dict]]
+) -> None:
+    docs = manifests[overlay]
+    environ = _k8s_app_env(docs)
+    _check_redis_settings(environ, K8S_TOPOLOGY[redis_kind(overlay)], f"k8s {overlay}")
+    if redis_kind(overlay) == "single":
+        assert redis_url_parts(environ["REDIS_URL"])["host"] == "redis"
         (service_port,) = one(docs, "Service", "redis")["spec"]["ports"]
-        assert service_port["port"] == default["port"], overlay
+        assert service_port["port"] == redis_url_parts(DEFAULTS["REDIS_URL"])["port"]
+
+
+def test_sentinel_variants_agree_with_each_other(manifests: dict[str, list[dict]]) -> None:
+    """Compose's and Kubernetes' Sentinel sets watch the same master name, env.py's default."""
+    compose = _compose_app_env("sentinel")
+    names = {"compose": compose["REDIS_SENTINEL_MASTER"]}
+    for overlay, docs in manifests.items():
+        if redis_kind(overlay) == "sentinel":
+            names[overlay] = _k8s_app_env(docs)["REDIS_SENTINEL_MASTER"]
+    assert len(names) >= 3, "compose and both overlays have a Sentinel variant"
+    assert set(names.values()) == {DEFAULTS["REDIS_SENTINEL_MASTER"]}, names
 
 
 def test_ports_are_env_py_ports(manifests: dict[str, list[dict]]) -> None:
