@@ -140,11 +140,14 @@ class ChatConsumer(GroupMemberConsumer):
 
     async def presence_join(self, event: dict[str, Any]) -> None:
         # Only to sockets that asked for presence: older clients (the tutorials' among them)
-        # read every frame as a chat message.
-        if self.presence_events:
+        # read every frame as a chat message. Not about oneself: a user's join is sent for
+        # their first socket, which is this one.
+        if self.presence_events and event["user"] != self.username:
             await self.send_frame(_presence_frame(event))
 
-    presence_leave = presence_join
+    async def presence_leave(self, event: dict[str, Any]) -> None:
+        if self.presence_events:
+            await self.send_frame(_presence_frame(event))
 
     async def _answer_presence(self) -> None:
         self.presence_events = True

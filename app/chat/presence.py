@@ -29,7 +29,7 @@ from typing import Any
 from django.conf import settings
 
 from config import env
-from config.channel_layers import app_redis_client
+from config.channel_layers import app_redis
 
 logger = logging.getLogger("chat.presence")
 
@@ -97,13 +97,14 @@ class Change:
 
 
 class _ProcessPresence:
-    """One event loop's Redis client, local entries and refresh task."""
+    """One event loop's scripts, local entries and refresh task."""
 
     def __init__(self) -> None:
-        self.client = app_redis_client()
-        self.touch = self.client.register_script(_TOUCH)
-        self.leave = self.client.register_script(_LEAVE)
-        self.list = self.client.register_script(_LIST)
+        redis = app_redis()  # shared, bounded: see APP_REDIS_CONCURRENCY
+        self.gate = redis.gate
+        self.touch = redis.client.register_script(_TOUCH)
+        self.leave = redis.client.register_script(_LEAVE)
+        self.list = redis.client.register_script(_LIST)
         self.rooms: dict[str, set[str]] = {}
         self.refresher: asyncio.Task[None] | None = None
 
@@ -117,17 +118,15 @@ class _ProcessPresence:
         while True:
             await asyncio.sleep(settings.PRESENCE_TTL / 3)
             try:
-                await asyncio.gather(
-                    *(
-                        self.touch(
-                            keys=[presence_key(room)]
-                            + [user_key(room, _user_of(m)) for m in sorted(members)],
-                            args=[settings.PRESENCE_TTL, *sorted(members)],
-                        )
-                        for room, members in list(self.rooms.items())
-                        if members
-                    )
-                )
+                for room, members in list(self.rooms.items()):
+                    if members:
+                        ordered = sorted(members)
+                        async with self.gate:
+                            await self.touch(
+                                keys=[presence_key(room)]
+                                + [user_key(room, _user_of(m)) for m in ordered],
+                                args=[settings.PRESENCE_TTL, *ordered],
+                            )
             except Exception as exc:  # Redis down: the next refresh writes them again
                 logger.warning("presence refresh failed (%s)", type(exc).__name__)
 
@@ -159,9 +158,10 @@ async def enter(room: str, user: str, connection_id: str) -> Change:
     member = _member(user, connection_id)
     state.rooms.setdefault(room, set()).add(member)
     state.start()
-    mine, size = await state.touch(
-        keys=[presence_key(room), user_key(room, user)], args=[settings.PRESENCE_TTL, member]
-    )
+    async with state.gate:
+        mine, size = await state.touch(
+            keys=[presence_key(room), user_key(room, user)], args=[settings.PRESENCE_TTL, member]
+        )
     return Change(int(mine), int(size))
 
 
@@ -176,9 +176,10 @@ async def leave(room: str, user: str, connection_id: str) -> Change | None:
         if not members:
             del state.rooms[room]
     try:
-        mine, size = await state.leave(
-            keys=[presence_key(room), user_key(room, user)], args=[member]
-        )
+        async with state.gate:
+            mine, size = await state.leave(
+                keys=[presence_key(room), user_key(room, user)], args=[member]
+            )
     except Exception as exc:
         logger.warning("presence leave failed for room=%s (%s)", room, type(exc).__name__)
         return None
@@ -188,7 +189,9 @@ async def leave(room: str, user: str, connection_id: str) -> Change | None:
 async def who(room: str) -> dict[str, Any]:
     """The room's live presence: ``{"count": <sockets>, "users": [{"user", "connections"}]}``,
     users sorted by name. Raises when Redis cannot be reached."""
-    entries = await _state().list(keys=[presence_key(room)])
+    state = _state()
+    async with state.gate:
+        entries = await state.list(keys=[presence_key(room)])
     counts: dict[str, int] = {}
     for entry in entries:
         user = _user_of(entry.decode())
@@ -200,11 +203,9 @@ async def who(room: str) -> dict[str, Any]:
 
 
 async def aclose() -> None:
-    """Stop this event loop's refresher and close its client (tests, shutdown)."""
+    """Stop this event loop's refresher (tests, shutdown)."""
     state = _STATES.pop(asyncio.get_running_loop(), None)
-    if state is not None:
-        if state.refresher is not None:
-            state.refresher.cancel()
-            with contextlib.suppress(BaseException):
-                await state.refresher
-        await state.client.aclose()
+    if state is not None and state.refresher is not None:
+        state.refresher.cancel()
+        with contextlib.suppress(BaseException):
+            await state.refresher

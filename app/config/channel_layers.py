@@ -27,6 +27,9 @@ database number of REDIS_URL.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
+import weakref
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -122,8 +125,8 @@ def channel_layers_from_env() -> dict[str, Any]:
 
 
 def app_redis_client(**overrides: Any) -> Any:
-    """A redis-py asyncio client for the app's own keys (presence, probes) that follows
-    REDIS_TOPOLOGY like the layer: the server, the Sentinel's master, or the cluster."""
+    """A redis-py asyncio client that follows REDIS_TOPOLOGY like the layer: the server, the
+    Sentinel's master, or the cluster (probes use one of their own, with short timeouts)."""
     from channel_layer.topology import library_client
 
     return library_client(
@@ -133,3 +136,33 @@ def app_redis_client(**overrides: Any) -> Any:
         env.get("REDIS_SENTINEL_MASTER"),
         **(redis_connection_options() | overrides),
     )
+
+
+#: Redis calls a worker process makes at once for the app's own keys (presence, per-user
+#: connection counts). A connection storm (2,000 sockets in seconds) would otherwise open one
+#: pooled connection per concurrent call -- hundreds per worker -- and redis-py's pool keeps
+#: every one of them for the life of the process.
+APP_REDIS_CONCURRENCY = 4
+
+
+@dataclasses.dataclass
+class AppRedis:
+    """One event loop's client for the app's own keys, and the gate every call goes through."""
+
+    client: Any
+    gate: asyncio.Semaphore
+
+
+_APP_REDIS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AppRedis] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def app_redis() -> AppRedis:
+    """This event loop's :class:`AppRedis` (``async with app.gate: await app.client...``)."""
+    loop = asyncio.get_running_loop()
+    app = _APP_REDIS.get(loop)
+    if app is None:
+        client = app_redis_client(max_connections=APP_REDIS_CONCURRENCY + 1)
+        app = _APP_REDIS[loop] = AppRedis(client, asyncio.Semaphore(APP_REDIS_CONCURRENCY))
+    return app

@@ -110,4 +110,4 @@ async def test_presence_frames_answer_anonymous_sockets_too(stack: RunningStack)
         # A chat message still works on the same socket, and old-style frames are unchanged.
         await ws.send(json.dumps({"message": "hi"}))
         frame = await recv_json(ws)
-        assert frame["type"] == "chat.message" and frame["message"] == "hi"
+        assert frame["type"] == "chat.message" and frame["message"] == "hi"  # no join of its own
