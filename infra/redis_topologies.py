@@ -368,10 +368,35 @@ class LocalSentinelSet(_Topology):
                     return False
                 if info["is_sdown"] or info["is_odown"]:
                     return False
-            master = self.client(self.master_port()).info("replication")
-            return master["role"] == "master" and master["connected_slaves"] >= 1
+            master_port = self.master_port()
+            master = self.client(master_port).info("replication")
+            if master["role"] != "master" or master["connected_slaves"] < 1:
+                return False
+            replicas = [p for p in self.data_ports if p != master_port and self.servers[p].alive]
+            return all(
+                self.client(p).info("replication").get("master_link_status") == "up"
+                for p in replicas
+            )
 
         _wait(healthy, timeout, "sentinel set healthy")
+
+    def failover(self, timeout: float = 30) -> tuple[int, int]:
+        """``SENTINEL FAILOVER``: the master is demoted (it stays up, as a replica) and the
+        replica promoted. Sentinel refuses or aborts it while it judges no replica good enough
+        (just after a restart), so it is asked again until a promotion happens. Returns
+        ``(old master port, new master port)``."""
+        old = self.master_port()
+        deadline = time.monotonic() + timeout
+        while True:
+            with contextlib.suppress(redis.ResponseError):
+                self.sentinel(self.sentinel_ports[0]).execute_command(
+                    "SENTINEL FAILOVER", self.master_name
+                )
+            try:
+                return old, self.wait_promotion(old, timeout=5)
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
 
     def wait_promotion(self, old_master: int, timeout: float = 30) -> int:
         """Until the sentinels name another master, which says ``role:master``; its port."""

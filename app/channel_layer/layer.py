@@ -229,9 +229,10 @@ class LoopState:
         return connection
 
     async def master_moved(self, connected_to: RedisAddress) -> bool:
-        """Sentinel: whether the master is elsewhere now than ``connected_to`` (a master that
-        was demoted while this process stayed connected keeps answering, as a replica). The
-        publishing connection is closed too, so that the next publish goes to the new one."""
+        """Sentinel: whether the master is elsewhere now than ``connected_to`` (after a manual
+        failover the old master keeps serving its clients until Sentinel demotes it, and a
+        partitioned one forever). The publishing connection is closed too, so that the next
+        publish goes to the new master."""
         if not isinstance(self.topology, SentinelTopology):
             return False
         try:

@@ -39,6 +39,9 @@ RECOVERY_GRACE = RECONNECT_MAX + 0.25
 #: The subscriber PINGs an idle connection this often; no answer within ``socket_timeout``
 #: means a dead peer (a half-open TCP connection never reports itself).
 PING_INTERVAL = 15.0
+#: With Sentinel, how often the subscriber asks whether the master moved (a demoted master
+#: keeps answering its clients for a while after a manual failover).
+SENTINEL_CHECK_INTERVAL = 1.0
 
 
 class Shard:
@@ -143,14 +146,29 @@ class Shard:
                             RECOVERY_GRACE,
                         )
                         down_since, delay = None, RECONNECT_FIRST
+                    # With Sentinel, ask every SENTINEL_CHECK_INTERVAL whether the master is
+                    # still this one: after a manual failover the old master keeps serving its
+                    # clients, as a master, until Sentinel gets round to demoting it.
+                    sentinel = state.topology.follows_failovers
+                    wait = SENTINEL_CHECK_INTERVAL if sentinel else PING_INTERVAL
+                    pinged_at = loop.time()
                     while not connection.lost.done():
-                        await asyncio.wait({connection.lost}, timeout=PING_INTERVAL)
+                        await asyncio.wait({connection.lost}, timeout=wait)
+                        if (
+                            sentinel
+                            and not connection.lost.done()
+                            and await state.master_moved(address)
+                        ):
+                            connection.close()  # Sentinel names another master: follow it
+                            break
+                        ping_due = pinged_at + PING_INTERVAL - SENTINEL_CHECK_INTERVAL / 2
+                        if connection.lost.done() or (sentinel and loop.time() < ping_due):
+                            continue
+                        pinged_at = loop.time()
                         if state.process_channel in self.channels:
                             state.sweep()  # once per interval and process, from one shard
-                        if not connection.lost.done() and not await self.ping():
+                        if not await self.ping():
                             connection.close()
-                        if not connection.lost.done() and await state.master_moved(address):
-                            connection.close()  # a demoted master: follow Sentinel's new one
                     raise RedisUnavailable(f"connection lost: {connection.lost.result()}")
                 except asyncio.CancelledError:
                     raise

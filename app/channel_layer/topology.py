@@ -52,6 +52,8 @@ class Topology:
 
     #: Use SSUBSCRIBE / SPUBLISH (channels live on the shard owning their slot).
     sharded = False
+    #: The master may move while connected (Sentinel): ask again now and then.
+    follows_failovers = False
 
     def __init__(self, address: RedisAddress) -> None:
         self.seed = address
@@ -77,6 +79,8 @@ class Topology:
 
 class SentinelTopology(Topology):
     """A master found through Sentinel, asked again on every (re)connect."""
+
+    follows_failovers = True
 
     def __init__(
         self, address: RedisAddress, sentinels: Sequence[tuple[str, int]], master: str
