@@ -7,6 +7,7 @@ urlpatterns = [
     path("", RedirectView.as_view(url="/chat/lobby/", permanent=False)),
     path("chat/", include("chat.urls")),
     path("notifications/", include("notifications.urls")),
+    path("api/", include("wsauth.urls")),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),

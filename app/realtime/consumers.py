@@ -41,6 +41,7 @@ from django.conf import settings
 
 from channel_layer.membership import keeper
 from realtime import jsonframes
+from wsauth.authority import SocketAuthority
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -112,7 +113,7 @@ class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
 
-class GroupMemberConsumer(AsyncWebsocketConsumer):
+class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
@@ -216,6 +217,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
                     logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.stop_authority()  # wsauth: no token clock or session check for a closed socket
         keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()

@@ -31,6 +31,7 @@ OVERRIDES = {
     "DATABASE_URL": "PostgreSQL shared by every replica, not a SQLite file",
     "REDIS_URL": "the redis service, with its password",
     "DJANGO_SECRET_KEY": "a real secret (dev-only default in compose)",
+    "WS_TOKEN_KEYS": "a real secret (dev-only default in compose)",
     "DJANGO_ALLOWED_HOSTS": "production serves its own host name",
     "DJANGO_CSRF_TRUSTED_ORIGINS": "production serves its own origin",
 }
@@ -54,6 +55,8 @@ PINNED = (
     "CHAT_RATE_PER_SECOND",
     "CHAT_RATE_BURST",
     "CHAT_FLOOD_CLOSE_AFTER",
+    "WS_TOKEN_TTL",
+    "WS_MAX_CONNECTIONS_PER_USER",
 )
 
 
@@ -90,6 +93,7 @@ def test_kubernetes_uses_env_py_names_and_defaults(
     _check_names_and_values(environ, f"k8s/overlays/{overlay}")
     assert environ["DJANGO_SECRET_KEY"] == ("secret", "DJANGO_SECRET_KEY")
     assert environ["DATABASE_URL"] == ("secret", "DATABASE_URL")
+    assert environ["WS_TOKEN_KEYS"] == ("secret", "WS_TOKEN_KEYS")
 
 
 def test_redis_url_has_the_same_shape_everywhere(manifests: dict[str, list[dict]]) -> None:
