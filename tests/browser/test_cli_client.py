@@ -1,0 +1,103 @@
+"""The command-line client (``python -m switchboard_client``) and the chat page in Chromium,
+in one room: a line typed in the client appears on the page, and a message typed on the page is
+printed by the client. The client authenticates with an API key file and a connection token in
+its subprotocols; it sends no Origin and no cookie."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO
+
+import pytest
+from playwright.sync_api import Browser
+
+from tests.browser.test_chat_in_chromium import ROOM, chromium, message, open_chat_as, say
+from tests.harness import RunningStack
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+__all__ = ["chromium"]  # the fixture, shared with the page test
+
+
+def lines_of(stream: IO[str]) -> queue.Queue[str]:
+    found: queue.Queue[str] = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            found.put(line.rstrip("\n"))
+
+    threading.Thread(target=pump, daemon=True).start()
+    return found
+
+
+def wait_for_line(lines: queue.Queue[str], wanted: str, timeout: float = 15) -> list[str]:
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        seen.append(lines.get(timeout=max(0.01, deadline - time.monotonic())))
+    return seen
+
+
+@pytest.fixture
+def cli(browser_stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    browser_stack.create_user("cli-user")
+    key_file = tmp_path / "api-key"
+    browser_stack.manage("create_api_key", "cli-user", "--output", str(key_file))
+    assert os.stat(key_file).st_mode & 0o077 == 0
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "switchboard_client",
+            "chat",
+            ROOM,
+            "--url",
+            browser_stack.base_url,
+            "--api-key-file",
+            str(key_file),
+            "--cacert",
+            str(browser_stack.stack.ca_file),
+        ],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+
+
+def test_the_cli_client_and_a_browser_page_talk(
+    browser_stack: RunningStack, chromium: tuple[object, Browser], cli: subprocess.Popen[str]
+) -> None:
+    _, browser = chromium
+    assert cli.stdin and cli.stdout and cli.stderr
+    printed, status = lines_of(cli.stdout), lines_of(cli.stderr)
+    wait_for_line(status, f"* joined {ROOM}")
+    browser_stack.create_user("page-user")
+    page = open_chat_as(browser, browser_stack, "page-user")
+
+    say(page, "hello from the page")
+    wait_for_line(printed, "page-user: hello from the page")
+
+    cli.stdin.write("hello from the terminal\n")
+    cli.stdin.flush()
+    seen = message(page, "hello from the terminal")
+    assert seen["user"] == "cli-user"
+    wait_for_line(printed, "cli-user: hello from the terminal")  # its own message, echoed
+
+    cli.stdin.close()  # end of input: the client closes the socket and exits
+    assert cli.wait(15) == 0
