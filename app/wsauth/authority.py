@@ -141,6 +141,14 @@ class SocketAuthority:
 
     # -- tokens ----------------------------------------------------------------------------------
     async def _run_token_clock(self) -> None:
+        try:
+            await self._token_clock_loop()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the socket went away under it: nothing left to close
+            logger.debug("token clock ended (%s)", type(exc).__name__)
+
+    async def _token_clock_loop(self) -> None:
         notice = settings.WS_TOKEN_REFRESH_NOTICE
         noticed_jti = None
         assert self._refreshed is not None
