@@ -11,7 +11,9 @@ import asyncio
 import contextlib
 import html
 import json
+import os
 import re
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,11 +35,20 @@ OLD_KEY = ("k1", "k1-secret-for-tests-0123456789-abcdefghij")
 FOREIGN_SECRET = "not-a-key-of-this-server-0123456789-abcdef"
 AUDIENCE = "switchboard.ws"
 PER_USER = 4
+LEASE = 6  # WS_CONNECTION_LEASE: a killed worker's sockets stop counting after this
 REPLICAS = 3
 #: The issue's bound for closing a user's sockets everywhere after a change.
 CLOSE_WITHIN_SECONDS = 5.0
 SUBPROTOCOL = "switchboard.v1"
-USERS = ("tok-alice", "tok-bob", "tok-deactivated", "tok-pw", "tok-gone", "tok-session")
+USERS = (
+    "tok-alice",
+    "tok-bob",
+    "tok-deactivated",
+    "tok-pw",
+    "tok-gone",
+    "tok-session",
+    "tok-killed",
+)
 
 #: Every token this module handles; none may appear in any log (the last test).
 SEEN_TOKENS: set[str] = set()
@@ -56,6 +67,7 @@ def token_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningSta
         WS_SESSION_RECHECK="1",
         WS_MAX_CONNECTIONS_PER_USER=str(PER_USER),
         WS_TOKEN_QUERY_PARAM="true",
+        WS_CONNECTION_LEASE=str(LEASE),
     ) as running:
         yield running
 
@@ -115,7 +127,8 @@ async def closed_with(ws: websockets.ClientConnection) -> tuple[dict[str, Any], 
     with pytest.raises(websockets.ConnectionClosed) as closed:
         while True:
             frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    return frame, closed.value.rcvd.code
+    received = closed.value.rcvd
+    return frame, received.code if received is not None else 1006  # 1006: no close frame
 
 
 async def replica_serving(ws: websockets.ClientConnection, ref: str) -> str:
@@ -431,6 +444,44 @@ async def test_connections_per_user_are_limited_across_replicas(
         assert await replica_serving(sockets[-1], "freed")
     finally:
         await asyncio.gather(*(ws.close() for ws in sockets))
+
+
+async def test_a_killed_workers_sockets_stop_counting_when_their_leases_end(
+    token_stack: RunningStack, api_keys: dict[str, str]
+) -> None:
+    """The honest bound of the Redis count: a SIGKILLed worker cannot give its places back;
+    they come back when their leases end (WS_CONNECTION_LEASE, 6 s here)."""
+    token = issue(token_stack, api_keys["tok-killed"])
+    sockets = [await open_with_token(token_stack, token) for _ in range(PER_USER)]
+    replicas = [await replica_serving(ws, f"kill-{i}") for i, ws in enumerate(sockets)]
+    program = replicas[0].rsplit("-", 1)[1]  # "host-app2" -> "app2"
+    (worker,) = token_stack.worker_pids(program)
+    os.kill(worker, signal.SIGKILL)
+    killed_at = time.monotonic()
+    lost = [ws for ws, replica in zip(sockets, replicas, strict=True) if replica == replicas[0]]
+    for ws in lost:
+        _, code = await closed_with(ws)  # queued room messages first, then the close
+        assert code == 1006  # no close frame: the process is gone
+    # Right after the kill its sockets still count ...
+    frame, code = await closed_with(await open_with_token(token_stack, token))
+    assert (frame["code"], code) == ("too_many_connections", 4429)
+    # ... until their leases end (polled every 0.5 s; measured, then bounded).
+    while time.monotonic() - killed_at < LEASE + 10:
+        ws = await open_with_token(token_stack, token)
+        try:
+            serving = await replica_serving(ws, "after-kill")
+        except websockets.ConnectionClosed:
+            await asyncio.sleep(0.5)
+            continue
+        freed_after = time.monotonic() - killed_at
+        await ws.close()
+        break
+    else:
+        pytest.fail(f"the killed worker's places were not freed within {LEASE + 10} s")
+    MEASURED["killed_worker_places_freed"] = freed_after
+    assert serving
+    assert freed_after <= LEASE + 3
+    await asyncio.gather(*(ws.close() for ws in sockets))
 
 
 # -- logs ------------------------------------------------------------------------------------------
