@@ -9,6 +9,7 @@ import os
 import random
 import ssl
 import sys
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -22,6 +23,7 @@ SUBPROTOCOL = "switchboard.v1"
 #: Close codes after which reconnecting cannot help (4401 gets a new token first).
 FINAL_CLOSE_CODES = {4400, 4403, 4404, 4429}
 MAX_BACKOFF_SECONDS = 30.0
+STABLE_SECONDS = 10.0
 
 
 class TokenError(Exception):
@@ -68,6 +70,7 @@ class ChatClient:
 
     async def run(self, lines: asyncio.Queue[str | None]) -> int:
         backoff = 0.5
+        opened_at = time.monotonic()
         while True:
             try:
                 token = await self.token()
@@ -78,7 +81,7 @@ class ChatClient:
                     open_timeout=10,
                 ) as ws:
                     _say(f"* joined {self.room}")
-                    backoff = 0.5
+                    opened_at = time.monotonic()
                     finished = await self._talk(ws, lines)
                     if finished:
                         return 0
@@ -90,8 +93,10 @@ class ChatClient:
                 _say(f"* disconnected ({code})")
                 if code in FINAL_CLOSE_CODES:
                     return 1
-                if code == 4401:
-                    continue  # authority ended: a new token, at once (or TokenError)
+                # 4401 (authority ended) reconnects with a new token, or ends in TokenError.
+                # A connection that lasted resets the backoff; one refused at once does not.
+                if time.monotonic() - opened_at > STABLE_SECONDS:
+                    backoff = 0.5
             except (OSError, InvalidStatus, TimeoutError) as exc:
                 _say(f"* cannot connect: {exc}")
             delay = random.uniform(0, backoff)  # noqa: S311 (jitter)
