@@ -1,10 +1,13 @@
-"""The command-line client (``python -m switchboard_client``) and the chat page in Chromium,
-in one room: a line typed in the client appears on the page, and a message typed on the page is
-printed by the client. The client authenticates with an API key file and a connection token in
-its subprotocols; it sends no Origin and no cookie."""
+"""Clients without a browser, on the real stack.
+
+The command-line client (``python -m switchboard_client``) and the chat page in Chromium, in one
+room: a line typed in the client appears on the page, and a message typed on the page is printed
+by the client. The client authenticates with an API key file and a connection token in its
+subprotocols; it sends no Origin and no cookie. The README's Node.js client does the same."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import subprocess
@@ -17,6 +20,7 @@ from typing import IO
 
 import pytest
 from playwright.sync_api import Browser
+from websockets.sync.client import connect
 
 from tests.browser.test_chat_in_chromium import ROOM, chromium, message, open_chat_as, say
 from tests.harness import RunningStack
@@ -101,3 +105,53 @@ def test_the_cli_client_and_a_browser_page_talk(
 
     cli.stdin.close()  # end of input: the client closes the socket and exits
     assert cli.wait(15) == 0
+
+
+NODE = "/usr/bin/node"
+NODE_CLIENT = ROOT / "switchboard_client" / "examples" / "chat.js"
+#: Debian's node-ws installs `ws` here (TEST_PACKAGES); `npm install ws` users need no NODE_PATH.
+DEBIAN_NODE_MODULES = "/usr/share/nodejs"
+
+
+def test_the_readmes_node_client_talks_to_the_room(
+    browser_stack: RunningStack, tmp_path: Path
+) -> None:
+    """The README's JavaScript client (switchboard_client/examples/chat.js), run by Node.js with
+    the `ws` package: it greets the room and prints what another client says."""
+    browser_stack.create_user("node-user")
+    key_file = tmp_path / "node-key"
+    browser_stack.manage("create_api_key", "node-user", "--output", str(key_file))
+    room = "node-room"
+    environ = {
+        **os.environ,
+        "NODE_PATH": DEBIAN_NODE_MODULES,
+        "NODE_EXTRA_CA_CERTS": str(browser_stack.stack.ca_file),
+        "SWITCHBOARD_URL": browser_stack.base_url,
+        "SWITCHBOARD_API_KEY_FILE": str(key_file),
+    }
+    node = subprocess.Popen(
+        [NODE, str(NODE_CLIENT), room, "hello from node"],
+        env=environ,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        printed, status = lines_of(node.stdout), lines_of(node.stderr)  # type: ignore[arg-type]
+        wait_for_line(status, f"* joined {room}")
+        wait_for_line(printed, "node-user: hello from node")
+        with connect(
+            f"{browser_stack.ws_url}/ws/chat/{room}/",
+            ssl=browser_stack.ssl_context(),
+            origin=browser_stack.origin,
+            open_timeout=10,
+        ) as other:
+            other.send(json.dumps({"message": "hello to node"}))
+            wait_for_line(printed, "anonymous: hello to node")
+    finally:
+        node.kill()
+        node.wait(10)
+
+
+def test_the_readme_shows_the_node_client_that_is_tested() -> None:
+    assert NODE_CLIENT.read_text() in (ROOT / "README.md").read_text()
