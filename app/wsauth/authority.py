@@ -120,6 +120,7 @@ class SocketAuthority:
     async def end_authority(self, reason: str) -> None:
         if self._closing:
             return
+        self._closing = True  # once: a revocation may race the token clock
         logger.info(
             "authority ended: closing %s user=%s reason=%s",
             self.client,  # type: ignore[attr-defined]
@@ -134,7 +135,7 @@ class SocketAuthority:
         }
         with contextlib.suppress(Exception):  # the peer may be gone already
             await self.send(text_data=jsonframes.dumps(frame))  # type: ignore[attr-defined]
-        await self.close(code=CLOSE_AUTH)
+            await super().close(CLOSE_AUTH)  # type: ignore[misc]
 
     async def auth_revoked(self, event: dict[str, Any]) -> None:
         await self.end_authority(str(event.get("reason", "revoked")))
@@ -253,7 +254,7 @@ class SessionWatch:
             return
         ended = await database_sync_to_async(_ended_sessions)({key for _, key in watched})
         for consumer, key in watched:
-            if key in ended:
+            if key in ended and consumer in self._sockets:  # still open
                 await consumer.end_authority("session_ended")
 
 
