@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import logging
 
-from django.http import HttpRequest, JsonResponse
+from django.contrib.auth.mixins import LoginRequiredMixin
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.middleware.csrf import CsrfViewMiddleware
+from django.shortcuts import redirect, render
 from django.utils import timezone
 from django.utils.decorators import method_decorator
 from django.views import View
@@ -94,5 +96,39 @@ class WsTokenView(View):
         token, ttl = tokens.issue(user, rooms)
         logger.info("issued a connection token user=%s via %s rooms=%s", user.pk, via, rooms)
         response = JsonResponse({"token": token, "expires_in": ttl})
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class ApiKeysView(LoginRequiredMixin, View):
+    """``/accounts/api-keys/``: a logged-in user's own API keys -- create (shown once), list,
+    revoke. Staff can also manage everyone's in the admin."""
+
+    template_name = "wsauth/api_keys.html"
+
+    def get(self, request: HttpRequest) -> HttpResponse:
+        return self._page(request)
+
+    def post(self, request: HttpRequest) -> HttpResponse:
+        action = request.POST.get("action")
+        if action == "create":
+            name = request.POST.get("name", "").strip()[:100]
+            if not name:
+                return self._page(request, error="Name the key: what is it for?", status=400)
+            row, key = ApiKey.create_for(request.user, name)
+            logger.info("API key %s created by user %s", row.prefix, request.user.pk)
+            return self._page(request, new_key=key, new_key_row=row)
+        if action == "revoke":
+            revoked = ApiKey.objects.filter(
+                user=request.user, prefix=request.POST.get("prefix", ""), revoked_at=None
+            ).update(revoked_at=timezone.now())
+            if revoked:
+                logger.info("API key revoked by user %s", request.user.pk)
+            return redirect(request.path)
+        return self._page(request, error="Unknown action.", status=400)
+
+    def _page(self, request: HttpRequest, status: int = 200, **context: object) -> HttpResponse:
+        keys = ApiKey.objects.filter(user=request.user)
+        response = render(request, self.template_name, {"keys": keys, **context}, status=status)
         response["Cache-Control"] = "no-store"
         return response

@@ -194,6 +194,34 @@ def test_an_api_key_made_in_the_admin_is_shown_once_and_works(token_stack: Runni
     issue(token_stack, html.unescape(key))
 
 
+def test_a_user_makes_and_revokes_their_own_api_key(
+    token_stack: RunningStack, api_keys: dict[str, str]
+) -> None:
+    with token_stack.http() as anonymous:
+        assert anonymous.get("/accounts/api-keys/").status_code == 302  # to the login form
+    client = log_in(token_stack, "tok-session")
+    try:
+        created = token_stack.csrf_post(
+            client, "/accounts/api-keys/", {"action": "create", "name": "my script"}
+        )
+        assert created.status_code == 200
+        assert "no-store" in created.headers["Cache-Control"]
+        key = html.unescape(re.search(r'<code id="new-key">([^<]+)</code>', created.text).group(1))
+        issue(token_stack, key)
+        listing = client.get("/accounts/api-keys/").text
+        assert "my script" in listing and key not in listing
+        revoked = token_stack.csrf_post(
+            client, "/accounts/api-keys/", {"action": "revoke", "prefix": key.split("_")[1]}
+        )
+        assert revoked.status_code == 302
+    finally:
+        client.close()
+    with token_stack.http() as program:
+        response = program.post("/api/ws-token/", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 401
+    assert response.json()["error"] == "invalid_api_key"
+
+
 async def test_a_token_opens_sockets_on_every_replica(
     token_stack: RunningStack, api_keys: dict[str, str]
 ) -> None:
