@@ -19,6 +19,8 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+import switchboard_client
+
 SUBPROTOCOL = "switchboard.v1"
 #: Close codes after which reconnecting cannot help (4401 gets a new token first).
 FINAL_CLOSE_CODES = {4400, 4403, 4404, 4429}
@@ -175,7 +177,11 @@ async def _chat(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="python -m switchboard_client", description=__doc__)
+    top = argparse.ArgumentParser(
+        prog="python -m switchboard_client",
+        description=switchboard_client.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = top.add_subparsers(dest="command", required=True)
     chat = commands.add_parser("chat", help="join a room: print messages, send lines typed")
     chat.add_argument("room")
