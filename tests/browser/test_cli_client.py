@@ -7,6 +7,7 @@ subprotocols; it sends no Origin and no cookie. The README's Node.js client does
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -50,11 +51,11 @@ def wait_for_line(lines: queue.Queue[str], wanted: str, timeout: float = 15) -> 
     return seen
 
 
-@pytest.fixture
-def cli(browser_stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
-    browser_stack.create_user("cli-user")
-    key_file = tmp_path / "api-key"
-    browser_stack.manage("create_api_key", "cli-user", "--output", str(key_file))
+@contextlib.contextmanager
+def cli_as(stack: RunningStack, username: str, key_file: Path) -> Iterator[subprocess.Popen[str]]:
+    """``python -m switchboard_client chat ROOM`` for ``username`` (made, with a new API key)."""
+    stack.create_user(username)
+    stack.manage("create_api_key", username, "--output", str(key_file))
     assert os.stat(key_file).st_mode & 0o077 == 0
     process = subprocess.Popen(
         [
@@ -64,11 +65,11 @@ def cli(browser_stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.Pope
             "chat",
             ROOM,
             "--url",
-            browser_stack.base_url,
+            stack.base_url,
             "--api-key-file",
             str(key_file),
             "--cacert",
-            str(browser_stack.stack.ca_file),
+            str(stack.stack.ca_file),
         ],
         cwd=ROOT,
         stdin=subprocess.PIPE,
@@ -82,6 +83,12 @@ def cli(browser_stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.Pope
         if process.poll() is None:
             process.kill()
         process.wait(10)
+
+
+@pytest.fixture
+def cli(browser_stack: RunningStack, tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    with cli_as(browser_stack, "cli-user", tmp_path / "api-key") as process:
+        yield process
 
 
 def test_the_cli_client_and_a_browser_page_talk(
@@ -105,6 +112,27 @@ def test_the_cli_client_and_a_browser_page_talk(
 
     cli.stdin.close()  # end of input: the client closes the socket and exits
     assert cli.wait(15) == 0
+
+
+def test_the_cli_client_stops_when_its_user_is_deactivated(
+    browser_stack: RunningStack, tmp_path: Path
+) -> None:
+    """Its socket is closed (auth_ended, 4401); it asks for a new token, is refused, and exits."""
+    with cli_as(browser_stack, "cli-deactivated", tmp_path / "key") as process:
+        assert process.stderr
+        status = lines_of(process.stderr)
+        wait_for_line(status, f"* joined {ROOM}")
+        browser_stack.manage(
+            "shell",
+            "-c",
+            "from django.contrib.auth import get_user_model\n"
+            "u = get_user_model().objects.get(username='cli-deactivated')\n"
+            "u.is_active = False; u.save()",
+        )
+        assert process.wait(30) == 1
+        seen = wait_for_line(status, "* disconnected (4401)")
+        assert any("auth_ended" in line for line in seen), seen
+        wait_for_line(status, "* token refused: HTTP 401 Unknown, revoked or inactive API key.")
 
 
 NODE = "/usr/bin/node"
