@@ -23,6 +23,7 @@ import pytest
 from playwright.sync_api import Browser
 from websockets.sync.client import connect
 
+from tests.browser.conftest import TOKEN_TTL
 from tests.browser.test_chat_in_chromium import ROOM, chromium, message, open_chat_as, say
 from tests.harness import RunningStack
 
@@ -43,10 +44,13 @@ def lines_of(stream: IO[str]) -> queue.Queue[str]:
     return found
 
 
-def wait_for_line(lines: queue.Queue[str], wanted: str, timeout: float = 15) -> list[str]:
+def wait_for_line(
+    lines: queue.Queue[str], wanted: str, timeout: float = 15, *, prefix: bool = False
+) -> list[str]:
+    """The lines read until ``wanted`` (or a line starting with it), which is the last one."""
     seen: list[str] = []
     deadline = time.monotonic() + timeout
-    while wanted not in seen:
+    while not seen or not (seen[-1].startswith(wanted) if prefix else seen[-1] == wanted):
         seen.append(lines.get(timeout=max(0.01, deadline - time.monotonic())))
     return seen
 
@@ -112,6 +116,28 @@ def test_the_cli_client_and_a_browser_page_talk(
 
     cli.stdin.close()  # end of input: the client closes the socket and exits
     assert cli.wait(15) == 0
+
+
+def test_the_cli_client_refreshes_its_token_and_stays_connected(
+    browser_stack: RunningStack, tmp_path: Path
+) -> None:
+    """Tokens live TOKEN_TTL (8) s here: over two lifetimes the client refreshes on the same
+    socket (token_expiring -> refresh -> token_refreshed) and is never disconnected."""
+    with cli_as(browser_stack, "cli-refresher", tmp_path / "key") as process:
+        assert process.stdin and process.stdout and process.stderr
+        printed, status = lines_of(process.stdout), lines_of(process.stderr)
+        wait_for_line(status, f"* joined {ROOM}")
+        joined_at = time.monotonic()
+        seen: list[str] = []
+        for _ in range(2):
+            seen += wait_for_line(status, "* token refreshed", timeout=2 * TOKEN_TTL, prefix=True)
+        time.sleep(max(0.0, joined_at + TOKEN_TTL + 1 - time.monotonic()))  # past the first token
+        while not status.empty():
+            seen.append(status.get())
+        assert not any(line.startswith("* disconnected") for line in seen), seen
+        process.stdin.write("still here\n")
+        process.stdin.flush()
+        wait_for_line(printed, "cli-refresher: still here")
 
 
 def test_the_cli_client_stops_when_its_user_is_deactivated(
