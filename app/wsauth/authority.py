@@ -42,6 +42,7 @@ logger = logging.getLogger("switchboard.ws")
 
 CLOSE_AUTH = 4401
 CLOSE_ROOM_NOT_ALLOWED = 4403
+CLOSE_TRY_AGAIN_LATER = 1013
 
 ENDED_DETAIL = {
     "token_expired": "The connection token expired; get a new one and reconnect.",
@@ -101,7 +102,16 @@ class SocketAuthority:
         if user is None or not user.is_authenticated:
             return
         self.authority_user = user.pk
-        await self.join(auth_group(user.pk))
+        try:
+            await self.join(auth_group(user.pk))  # type: ignore[attr-defined]
+        except Exception as exc:  # the layer failed between the consumer's join and this one
+            logger.warning("could not watch user %s's authority (%s)", user.pk, type(exc).__name__)
+            await self.send_error(  # type: ignore[attr-defined]
+                "unavailable",
+                "The server cannot reach its message broker right now; reconnect shortly.",
+            )
+            await self.close(code=CLOSE_TRY_AGAIN_LATER)
+            return
         method = self.scope.get("auth_method")
         if method == "token":
             self._refreshed = asyncio.Event()
