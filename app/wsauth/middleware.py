@@ -104,7 +104,7 @@ class TokenAuthMiddleware:
             claims = tokens.verify(token)
             user = await database_sync_to_async(tokens.user_for)(claims)
         except tokens.TokenRejected as rejected:
-            # The reason, the user and the token id when known: never the token itself.
+            # The reason and the client, never the token (nor anything decoded from it).
             logger.info(
                 "refused websocket %s %r: auth_failed (%s)",
                 client_of(scope),
