@@ -32,6 +32,7 @@ from asgiref.sync import async_to_sync
 from channels.db import database_sync_to_async
 from channels.layers import get_channel_layer
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -99,7 +100,8 @@ class SocketAuthority:
 
     async def _watch_authority(self) -> None:
         user = self.scope.get("user")
-        if user is None or not user.is_authenticated:
+        method = self.scope.get("auth_method")  # set by wsauth.middleware's stack
+        if method not in ("token", "session") or user is None or not user.is_authenticated:
             return
         self.authority_user = user.pk
         try:
@@ -112,7 +114,12 @@ class SocketAuthority:
             )
             await self.close(code=CLOSE_TRY_AGAIN_LATER)
             return
-        method = self.scope.get("auth_method")
+        # A change saved between the credential check and the join above reached no group
+        # member: read the user once more, now that later changes will reach this socket.
+        ended = await database_sync_to_async(_authority_ended)(user.pk, user.password)
+        if ended is not None:
+            await self.end_authority(ended)
+            return
         if method == "token":
             self._refreshed = asyncio.Event()
             self._token_clock = asyncio.create_task(self._run_token_clock())
@@ -215,6 +222,20 @@ class SocketAuthority:
         self._refreshed.set()
         frame = {"type": "token_refreshed", "expires_in": round(claims["exp"] - time.time())}
         await self.send(text_data=jsonframes.dumps(frame))  # type: ignore[attr-defined]
+
+
+def _authority_ended(user_pk: object, password: str) -> str | None:
+    """Why a user authenticated with ``password`` (its hash) no longer is, if they are not."""
+    stored = (
+        get_user_model()._default_manager.filter(pk=user_pk).values("password", "is_active").first()
+    )
+    if stored is None:
+        return "deleted"
+    if not stored["is_active"]:
+        return "deactivated"
+    if stored["password"] != password:
+        return "password_changed"
+    return None
 
 
 def _ended_sessions(keys: set[str]) -> set[str]:
