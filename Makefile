@@ -12,8 +12,9 @@ VALIDATORS ?= .venv-validators
 # Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
 # envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
 # browser test (tests/browser, driven by Playwright; its own browser download is never used),
-# iproute2 (`ip`) for the network namespaces of tests/static/sentinel_pods.py, compose_redis.py.
-TEST_PACKAGES ?= postgresql gettext-base chromium iproute2
+# iproute2 (`ip`) for the network namespaces of tests/static/sentinel_pods.py, compose_redis.py,
+# Node.js with Debian's `ws` module for the README's JavaScript client (tests/browser/test_cli_client.py).
+TEST_PACKAGES ?= postgresql gettext-base chromium iproute2 nodejs node-ws
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 

@@ -274,6 +274,8 @@ class Stack:
         redis_password = self._secret("redis_password")
         wired.setdefault("REDIS_URL", f"redis://:{redis_password}@127.0.0.1:{self.redis_port}/0")
         wired.setdefault("DJANGO_SECRET_KEY", self._secret("django_secret_key", 50))
+        # Connection-token signing key (wsauth.tokens); rotate by putting a new `kid:secret` first.
+        wired.setdefault("WS_TOKEN_KEYS", f"native-1:{self._secret('ws_token_key', 32)}")
         origins = [f"https://{host}:{self.https_port}" for host in ("localhost", "127.0.0.1")]
         wired.setdefault("DJANGO_CSRF_TRUSTED_ORIGINS", ",".join(origins))
         # Each stack collects its own static files: concurrent stacks never share a manifest.

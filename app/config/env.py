@@ -185,6 +185,56 @@ SETTINGS: tuple[Setting, ...] = (
         "Frames in a row over the rate (each answered `rate_limited`) after which the "
         "connection is closed with 1008.",
     ),
+    # -- connection tokens and socket authority (app/wsauth/) ----------------------------------
+    Setting(
+        "WS_TOKEN_KEYS",
+        "",
+        DJANGO,
+        "Connection-token signing keys, `kid:secret,...`: the first signs, every one verifies "
+        "(rotate by putting a new key first; drop the old one after `WS_TOKEN_TTL`). Empty: one "
+        "key derived from `DJANGO_SECRET_KEY`.",
+    ),
+    Setting("WS_TOKEN_TTL", "300", DJANGO, "Seconds a connection token from /api/ws-token/ lives."),
+    Setting(
+        "WS_TOKEN_AUDIENCE",
+        "switchboard.ws",
+        DJANGO,
+        "The `aud` claim tokens are issued for and must carry.",
+    ),
+    Setting(
+        "WS_TOKEN_REFRESH_NOTICE",
+        "60",
+        DJANGO,
+        "Seconds before a token socket's token expires that it gets `token_expiring`; a "
+        "`refresh` frame with a new token keeps it open, else it closes with 4401.",
+    ),
+    Setting(
+        "WS_TOKEN_QUERY_PARAM",
+        "false",
+        DJANGO,
+        "Also accept the token as `?token=` (the seeds' clients). Off: URLs end up in logs.",
+    ),
+    Setting(
+        "WS_MAX_CONNECTIONS_PER_USER",
+        "20",
+        DJANGO,
+        "Open websockets per logged-in user, counted across replicas in Redis (0: no limit); "
+        "one more is refused with `too_many_connections` and 4429.",
+    ),
+    Setting(
+        "WS_CONNECTION_LEASE",
+        "60",
+        DJANGO,
+        "Seconds a counted connection stays counted unless its worker renews it (every third "
+        "of this): a killed worker's sockets stop counting after at most this long.",
+    ),
+    Setting(
+        "WS_SESSION_RECHECK",
+        "30",
+        DJANGO,
+        "Seconds between each worker's checks that its session sockets' sessions still exist "
+        "and have not expired (ended ones close with 4401).",
+    ),
     Setting(
         "CHAT_HISTORY_SIZE",
         "200",

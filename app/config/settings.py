@@ -41,6 +41,7 @@ INSTALLED_APPS = [
     "chat",
     "notifications",
     "health",
+    "wsauth",
 ]
 
 MIDDLEWARE = [
@@ -139,6 +140,16 @@ PRESENCE_EVENTS = env.get_bool("PRESENCE_EVENTS")
 PRESENCE_EVENTS_MAX_MEMBERS = env.get_int("PRESENCE_EVENTS_MAX_MEMBERS", minimum=0)
 REPLICA_NAME = env.get("REPLICA_NAME")
 
+# -- Connection tokens and socket authority (wsauth/) -------------------------------------------
+WS_TOKEN_KEYS = env.get("WS_TOKEN_KEYS")
+WS_TOKEN_TTL = env.get_int("WS_TOKEN_TTL", minimum=1)
+WS_TOKEN_AUDIENCE = env.get("WS_TOKEN_AUDIENCE")
+WS_TOKEN_REFRESH_NOTICE = env.get_int("WS_TOKEN_REFRESH_NOTICE", minimum=0)
+WS_TOKEN_QUERY_PARAM = env.get_bool("WS_TOKEN_QUERY_PARAM")
+WS_MAX_CONNECTIONS_PER_USER = env.get_int("WS_MAX_CONNECTIONS_PER_USER", minimum=0)
+WS_CONNECTION_LEASE = env.get_int("WS_CONNECTION_LEASE", minimum=3)
+WS_SESSION_RECHECK = env.get_float("WS_SESSION_RECHECK", minimum=0.1)
+
 # -- HTTPS behind nginx -------------------------------------------------------------------------
 # nginx terminates TLS. The scheme reaches Django through uvicorn's proxy-header handling, which
 # trusts X-Forwarded-Proto only from FORWARDED_ALLOW_IPS. Django's SECURE_PROXY_SSL_HEADER is
@@ -170,6 +181,6 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         name: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}
-        for name in ("switchboard", "chat", "notifications", "health", "django")
+        for name in ("switchboard", "chat", "notifications", "health", "wsauth", "django")
     },
 }

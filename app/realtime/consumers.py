@@ -50,6 +50,7 @@ from django.conf import settings
 from channel_layer.membership import keeper
 from realtime import jsonframes
 from realtime.events import DROPPED_EVENTS, EventSchema
+from wsauth.authority import SocketAuthority
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -145,7 +146,7 @@ class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
 
-class GroupMemberConsumer(AsyncWebsocketConsumer):
+class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
     #: Internal event type -> the fields its handler relies on (``realtime.events``). An event
     #: of a listed type that does not match is dropped (and logged) before any handler runs.
     event_schemas: ClassVar[Mapping[str, EventSchema]] = {}
@@ -279,6 +280,7 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
                     logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        self.stop_authority()  # wsauth: no token clock or session check for a closed socket
         keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()

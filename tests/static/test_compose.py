@@ -30,7 +30,7 @@ from tests.static.support import (
 )
 from tests.validators import run
 
-SECRET_VARIABLES = ("DJANGO_SECRET_KEY", "REDIS_PASSWORD", "POSTGRES_PASSWORD")
+SECRET_VARIABLES = ("DJANGO_SECRET_KEY", "WS_TOKEN_KEYS", "REDIS_PASSWORD", "POSTGRES_PASSWORD")
 
 
 @pytest.fixture(scope="module")

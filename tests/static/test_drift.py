@@ -35,6 +35,7 @@ OVERRIDES = {
     "REDIS_TOPOLOGY": "the cluster and Sentinel variants say which they are",
     "REDIS_SENTINELS": "the Sentinel variants' own Sentinels",
     "DJANGO_SECRET_KEY": "a real secret (dev-only default in compose)",
+    "WS_TOKEN_KEYS": "a real secret (dev-only default in compose)",
     "DJANGO_ALLOWED_HOSTS": "production serves its own host name",
     "DJANGO_CSRF_TRUSTED_ORIGINS": "production serves its own origin",
 }
@@ -59,6 +60,8 @@ PINNED = (
     "CHAT_RATE_BURST",
     "CHAT_FLOOD_CLOSE_AFTER",
     "CHANNEL_PREFIX",
+    "WS_TOKEN_TTL",
+    "WS_MAX_CONNECTIONS_PER_USER",
 )
 #: Stated explicitly by every deployment, whatever their value: which Redis the layer expects.
 STATED = ("REDIS_TOPOLOGY",)
@@ -99,6 +102,7 @@ def test_kubernetes_uses_env_py_names_and_defaults(
     _check_names_and_values(environ, f"k8s/overlays/{overlay}")
     assert environ["DJANGO_SECRET_KEY"] == ("secret", "DJANGO_SECRET_KEY")
     assert environ["DATABASE_URL"] == ("secret", "DATABASE_URL")
+    assert environ["WS_TOKEN_KEYS"] == ("secret", "WS_TOKEN_KEYS")
 
 
 #: k8s render target's Redis (support.redis_kind) -> the REDIS_TOPOLOGY it must state.
