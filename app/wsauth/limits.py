@@ -18,12 +18,12 @@ import asyncio
 import logging
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
-import redis.asyncio as aioredis
 from django.conf import settings
 
 from config import env
-from config.channel_layers import app_redis_client
+from config.channel_layers import app_redis
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -63,33 +63,37 @@ def user_key(user_pk: object) -> str:
 
 
 class _Counter:
-    """The per-process state: a Redis client and the leases of this process's sockets."""
+    """The per-process state: the leases of this process's sockets and their renewal. Redis
+    calls go through the worker's shared, bounded client for the app's own keys
+    (``config.channel_layers.app_redis``), so a connection storm opens no pool of its own."""
 
     def __init__(self) -> None:
-        self._redis: aioredis.Redis | aioredis.RedisCluster | None = None
         self._leases: set[Lease] = set()
         self._renewer: asyncio.Task | None = None
-        self._acquire_script = None
-        self._renew_script = None
+        self._scripts: tuple[Any, Any, Any] | None = None  # (client, acquire, renew)
 
-    def client(self) -> aioredis.Redis | aioredis.RedisCluster:
-        if self._redis is None:
-            options = {"socket_timeout": 2, "socket_connect_timeout": 2, "max_connections": 16}
-            self._redis = app_redis_client(**options)
-            self._acquire_script = self._redis.register_script(_ACQUIRE)
-            self._renew_script = self._redis.register_script(_RENEW)
-        return self._redis
+    def scripts(self) -> tuple[Any, Any]:
+        redis = app_redis()
+        if self._scripts is None or self._scripts[0] is not redis.client:
+            client = redis.client
+            self._scripts = (
+                client,
+                client.register_script(_ACQUIRE),
+                client.register_script(_RENEW),
+            )
+        return self._scripts[1], self._scripts[2]
 
     async def acquire(self, user_pk: object) -> Lease | None:
         lease = Lease(user_key(user_pk), uuid.uuid4().hex)
         limit = settings.WS_MAX_CONNECTIONS_PER_USER
         if limit == 0:
             return Lease(lease.key, "")
-        self.client()
+        acquire_script, _ = self.scripts()
         try:
-            taken = await self._acquire_script(
-                keys=[lease.key], args=[settings.WS_CONNECTION_LEASE, limit, lease.member]
-            )
+            async with app_redis().gate:
+                taken = await acquire_script(
+                    keys=[lease.key], args=[settings.WS_CONNECTION_LEASE, limit, lease.member]
+                )
         except Exception as exc:
             logger.warning("connection limit not checked (Redis: %s)", type(exc).__name__)
             return Lease(lease.key, "")  # counted nowhere; release() ignores it
@@ -104,8 +108,10 @@ class _Counter:
         if not lease.member:
             return
         self._leases.discard(lease)
+        redis = app_redis()
         try:
-            await self.client().zrem(lease.key, lease.member)
+            async with redis.gate:
+                await redis.client.zrem(lease.key, lease.member)
         except Exception as exc:  # the lease ends by itself
             logger.warning("connection lease not released (Redis: %s)", type(exc).__name__)
 
@@ -113,16 +119,14 @@ class _Counter:
         period = settings.WS_CONNECTION_LEASE / 3
         while self._leases:
             await asyncio.sleep(period)
-            leases = list(self._leases)
+            _, renew_script = self.scripts()
+            gate = app_redis().gate
             try:
-                async with self.client().pipeline(transaction=False) as pipe:
-                    for lease in leases:
-                        await self._renew_script(
-                            keys=[lease.key],
-                            args=[settings.WS_CONNECTION_LEASE, lease.member],
-                            client=pipe,
+                for lease in list(self._leases):
+                    async with gate:
+                        await renew_script(
+                            keys=[lease.key], args=[settings.WS_CONNECTION_LEASE, lease.member]
                         )
-                    await pipe.execute()
             except Exception as exc:
                 logger.warning("connection leases not renewed (Redis: %s)", type(exc).__name__)
 
