@@ -12,7 +12,7 @@ VALIDATORS ?= .venv-validators
 # Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
 # envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
 # browser test (tests/browser, driven by Playwright; its own browser download is never used).
-TEST_PACKAGES ?= postgresql gettext-base chromium
+TEST_PACKAGES ?= postgresql gettext-base chromium prometheus
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 

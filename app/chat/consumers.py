@@ -10,6 +10,7 @@ from django.conf import settings
 
 from channel_layer.membership import keeper
 from chat.protocol import ErrorCode, ProtocolError, is_valid_room, parse_client_frame, room_group
+from observability import metrics
 from realtime import jsonframes
 from realtime.consumers import GroupMemberConsumer
 from realtime.identity import process_id
@@ -78,7 +79,7 @@ class ChatConsumer(GroupMemberConsumer):
         try:
             if not keeper.available:  # Redis down, or memberships not restored yet
                 raise ConnectionError("channel layer recovering")
-            await self.channel_layer.group_send(self.group, event)
+            await self.channel_layer.group_send(self.group, metrics.stamp(event))
         except Exception as exc:  # Redis unreachable: the sender is told, nothing is queued
             logger.info("group_send refused for room=%s (%s)", self.room, type(exc).__name__)
             keeper.poke()

@@ -21,6 +21,8 @@ It adds what every long-lived group member needs:
   (:data:`DB_EVENTS`), no new task per message (:func:`dispatch_serially`), and
   :meth:`~GroupMemberConsumer.send_frame` for frames, past the session middleware's per-send
   bookkeeping. Handlers still run one at a time, in arrival order per source.
+* **Metrics in one place** (``observability.metrics``): handshakes accepted and refused, open
+  sockets, close codes, frames received, error frames, deliveries and their fan-out latency.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from channel_layer.membership import keeper
+from observability import metrics
 from realtime import jsonframes
 
 logger = logging.getLogger("switchboard.ws")
@@ -117,6 +120,8 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
         self._renewal: asyncio.Task | None = None
+        self._accepted = False
+        self._refusing = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """``AsyncConsumer.__call__`` with :func:`dispatch_serially` as its dispatch loop."""
@@ -215,7 +220,17 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
                 except Exception as exc:  # channel_layer.membership restores it when Redis is back
                     logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        await super().accept(subprotocol, headers)
+        self._accepted = True
+        metrics.connection_opened(handshake_accepted=not self._refusing)
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        metrics.frame_received()
+        await super().websocket_receive(message)
+
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
+        metrics.connection_closed(message.get("code", 1000), was_open=self._accepted)
         keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()
@@ -237,10 +252,15 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
             return
         if message["type"] in DB_EVENTS:
             await super().dispatch(message)  # closes stale DB connections first (a thread hop)
-        else:
-            await getattr(self, handler_name)(message)
+            return
+        # Removed whatever METRICS_ENABLED says here: no client frame may carry it.
+        accepted_at = message.pop(metrics.ACCEPTED_AT, None)
+        await getattr(self, handler_name)(message)
+        if accepted_at is not None and metrics.ENABLED:
+            metrics.delivered(accepted_at)
 
     async def send_error(self, code: str, detail: str) -> None:
+        metrics.error_frame_sent(code)
         await self.send(
             text_data=jsonframes.dumps({"type": "error", "code": code, "detail": detail})
         )
@@ -249,6 +269,8 @@ class GroupMemberConsumer(AsyncWebsocketConsumer):
         """Accept only to say why, then close: browsers cannot read a refused handshake."""
         # %r: a path may carry (percent-decoded) newlines that would forge log lines.
         logger.info("refused %s %r: %s", self.client, self.scope.get("path"), code)
+        metrics.handshake_refused(code)
+        self._refusing = True
         await self.accept()
         await self.send_error(code, detail)
         await self.close(code=close_code)

@@ -1,0 +1,326 @@
+"""Every Prometheus metric Switchboard exports, defined once, and the calls that update them.
+
+Names follow Prometheus' conventions: a ``switchboard_`` prefix, base units (seconds, bytes),
+``_total`` on counters (the client library appends it), ``_seconds`` on histograms. The README's
+metrics table is generated from :data:`CATALOGUE` (``python -m observability.metrics``) and a
+test keeps the two in step.
+
+Under gunicorn, ``PROMETHEUS_MULTIPROC_DIR`` is set before any worker imports this module
+(``infra/gunicorn.conf.py``), so every value lives in a memory-mapped file of its process and
+``/metrics`` sums them over the replica's workers (:mod:`observability.asgi`). The connection
+gauge uses the ``livesum`` mode: when a worker dies, gunicorn's ``child_exit`` hook deletes its
+file, so its sockets leave the sum at once, whatever killed it. Counters of dead workers stay in
+the sum: a counter never goes down because a process died.
+
+With ``METRICS_ENABLED=false`` every call below returns at once and no event is stamped.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from config import env
+from observability import context
+
+logger = logging.getLogger("switchboard.metrics")
+
+ENABLED = env.get_bool("METRICS_ENABLED")
+
+#: Key of the wall-clock time (``time.time()``) at which the sending worker accepted a message,
+#: carried inside the channel-layer event. The base consumer removes it before any handler sees
+#: the event, so no client frame ever carries it (the wire protocol is unchanged).
+ACCEPTED_AT = "_switchboard_accepted_at"
+
+#: Connections one replica (2 workers) is sized for: the connection-storm test holds 2,000
+#: sockets on one 2-core machine with every worker's descriptors and memory back at baseline
+#: after. The "too many connections" alert fires above it; autoscaling aims at half of it.
+CONNECTIONS_PER_REPLICA_CAPACITY = 2000
+AUTOSCALING_CONNECTIONS_PER_REPLICA = CONNECTIONS_PER_REPLICA_CAPACITY // 2
+
+#: Fan-out latency buckets (seconds): the load tests' p99 goal is 100 ms, the alert 250 ms.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+#: Redis round trips on loopback take tens of microseconds; a slow network, milliseconds.
+REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+# -- websockets (updated by realtime.consumers.GroupMemberConsumer) ------------------------------
+WEBSOCKET_CONNECTIONS = Gauge(
+    "switchboard_websocket_connections",
+    "Open websocket connections, by endpoint.",
+    ["endpoint"],
+    multiprocess_mode="livesum",
+)
+HANDSHAKES = Counter(
+    "switchboard_websocket_handshakes",
+    "Websocket handshakes, by endpoint and outcome: accepted, or the refusal's reason.",
+    ["endpoint", "outcome"],
+)
+CLOSES = Counter(
+    "switchboard_websocket_closes",
+    "Websocket connections ended, by endpoint and close code (1006: dropped without one).",
+    ["endpoint", "code"],
+)
+FRAMES_RECEIVED = Counter(
+    "switchboard_websocket_frames_received",
+    "Frames received from clients, by endpoint.",
+    ["endpoint"],
+)
+ERROR_FRAMES = Counter(
+    "switchboard_websocket_error_frames",
+    "Error frames sent to clients, by endpoint and error code.",
+    ["endpoint", "code"],
+)
+DELIVERIES = Counter(
+    "switchboard_websocket_deliveries",
+    "Published messages written to a client's socket, by endpoint.",
+    ["endpoint"],
+)
+FANOUT_LATENCY = Histogram(
+    "switchboard_fanout_latency_seconds",
+    "From the sending worker accepting a message to a receiving worker writing it to a socket "
+    "(wall clocks of two processes: across hosts, their clock offset adds in).",
+    ["endpoint"],
+    buckets=LATENCY_BUCKETS,
+)
+
+# -- the channel layer (channel_layer.stats, copied by the sync thread below) --------------------
+LAYER_PUBLISHED = Counter(
+    "switchboard_layer_published", "Messages the channel layer published to Redis."
+)
+LAYER_PUBLISH_FAILURES = Counter(
+    "switchboard_layer_publish_failures",
+    "Publishes refused or failed (Redis unreachable, or re-subscribing after an outage); the "
+    "sender was told (unavailable).",
+)
+LAYER_RECEIVED = Counter(
+    "switchboard_layer_received", "Messages the channel layer read from Redis."
+)
+LAYER_MAILBOX_DELIVERIES = Counter(
+    "switchboard_layer_mailbox_deliveries",
+    "Messages the channel layer put into a consumer's mailbox.",
+)
+LAYER_DROPPED = Counter(
+    "switchboard_layer_dropped",
+    "Messages the channel layer could not hand to a consumer, by reason: mailbox_full (a slow "
+    "client), undeliverable (its consumer had gone).",
+    ["reason"],
+)
+LAYER_RECONNECTS = Counter(
+    "switchboard_layer_reconnects", "Times a worker's Redis subscription connection was lost."
+)
+REDIS_ROUND_TRIP = Histogram(
+    "switchboard_redis_round_trip_seconds",
+    "Time from sending a command to the channel layer's Redis to reading its reply.",
+    buckets=REDIS_BUCKETS,
+)
+
+# -- processes (the gunicorn master counts its workers' exits) -----------------------------------
+WORKER_EXITS = Counter(
+    "switchboard_worker_exits",
+    "Worker processes that exited, each replaced by gunicorn (a crash, a kill, or a restart).",
+)
+
+
+class Field(NamedTuple):
+    counter: Counter
+    labels: tuple[str, ...] = ()
+
+
+#: ``channel_layer.stats()`` fields -> the counters they feed. A test fails when the layer grows
+#: a field that is missing here, so nothing it counts goes unexported.
+LAYER_FIELDS: dict[str, Field] = {
+    "published": Field(LAYER_PUBLISHED),
+    "publish_failures": Field(LAYER_PUBLISH_FAILURES),
+    "received": Field(LAYER_RECEIVED),
+    "delivered": Field(LAYER_MAILBOX_DELIVERIES),
+    "dropped": Field(LAYER_DROPPED, ("mailbox_full",)),
+    "undeliverable": Field(LAYER_DROPPED, ("undeliverable",)),
+    "reconnects": Field(LAYER_RECONNECTS),
+}
+
+#: Measured when ``/metrics`` is scraped (observability.scrape), not kept in files.
+SCRAPE_TIME_METRICS: tuple[tuple[str, str, str, str], ...] = (
+    ("switchboard_ready", "gauge", "", "1 when the replica's /readyz checks pass, else 0."),
+    ("switchboard_redis_up", "gauge", "", "1 when Redis answers PING, else 0."),
+    (
+        "process_cpu_seconds_total",
+        "counter",
+        "pid, role",
+        "CPU time of each process of the replica (role: master, worker).",
+    ),
+    ("process_resident_memory_bytes", "gauge", "pid, role", "Resident memory of each process."),
+    ("process_open_fds", "gauge", "pid, role", "Open file descriptors of each process."),
+    ("process_start_time_seconds", "gauge", "pid, role", "Start time of each process (epoch)."),
+)
+
+CATALOGUE = (
+    WEBSOCKET_CONNECTIONS,
+    HANDSHAKES,
+    CLOSES,
+    FRAMES_RECEIVED,
+    ERROR_FRAMES,
+    DELIVERIES,
+    FANOUT_LATENCY,
+    LAYER_PUBLISHED,
+    LAYER_PUBLISH_FAILURES,
+    LAYER_RECEIVED,
+    LAYER_MAILBOX_DELIVERIES,
+    LAYER_DROPPED,
+    LAYER_RECONNECTS,
+    REDIS_ROUND_TRIP,
+    WORKER_EXITS,
+)
+
+
+# -- calls from the consumers --------------------------------------------------------------------
+@functools.cache
+def _child(metric: Any, *labels: str) -> Any:
+    """``metric.labels(*labels)``, looked up once per label set (it costs a microsecond)."""
+    return metric.labels(*labels)
+
+
+def connection_opened(*, handshake_accepted: bool) -> None:
+    """A socket was accepted: to be served, or (``handshake_accepted=False``) only to be told
+    why it is refused before it is closed."""
+    if ENABLED:
+        endpoint = context.current.get().endpoint
+        if handshake_accepted:
+            _child(HANDSHAKES, endpoint, "accepted").inc()
+        _child(WEBSOCKET_CONNECTIONS, endpoint).inc()
+
+
+def connection_closed(code: int, *, was_open: bool) -> None:
+    if ENABLED:
+        endpoint = context.current.get().endpoint
+        _child(CLOSES, endpoint, str(code)).inc()
+        if was_open:
+            _child(WEBSOCKET_CONNECTIONS, endpoint).dec()
+
+
+def handshake_refused(reason: str) -> None:
+    """A handshake refused: the Origin check (``origin``) or a consumer's ``refuse()``."""
+    if ENABLED:
+        _child(HANDSHAKES, context.current.get().endpoint, reason).inc()
+
+
+def frame_received() -> None:
+    if ENABLED:
+        _child(FRAMES_RECEIVED, context.current.get().endpoint).inc()
+
+
+def error_frame_sent(code: str) -> None:
+    if ENABLED:
+        _child(ERROR_FRAMES, context.current.get().endpoint, code).inc()
+
+
+def stamp(event: dict[str, Any]) -> dict[str, Any]:
+    """Mark ``event`` with the moment this worker accepted it (for the fan-out latency)."""
+    if ENABLED:
+        event[ACCEPTED_AT] = time.time()
+    return event
+
+
+def delivered(accepted_at: float) -> None:
+    """A stamped event was written to this task's socket."""
+    endpoint = context.current.get().endpoint
+    _child(DELIVERIES, endpoint).inc()
+    _child(FANOUT_LATENCY, endpoint).observe(max(0.0, time.time() - accepted_at))
+
+
+# -- calls from the channel layer ----------------------------------------------------------------
+def observe_redis_round_trip(sent_at: float) -> None:
+    """A Redis reply arrived for a command sent at ``sent_at`` (``time.monotonic()`` clock, which
+    is the event loop's)."""
+    if ENABLED:
+        REDIS_ROUND_TRIP.observe(time.monotonic() - sent_at)
+
+
+# -- the layer's counters, copied into the metrics ------------------------------------------------
+#: Seconds between two copies of ``channel_layer.stats`` into the metric files.
+SYNC_SECONDS = 1.0
+
+
+class LayerStatsSync:
+    """Adds what ``channel_layer.stats()`` counted since the last call to the counters.
+
+    The layer keeps plain integers (the cheapest count on its hot path); a thread copies them
+    every :data:`SYNC_SECONDS` into the metric files, where other processes can read them.
+    """
+
+    def __init__(self) -> None:
+        self.seen: dict[str, int] = {}
+
+    def sync(self, counts: Mapping[str, int]) -> None:
+        for name, value in counts.items():
+            field = LAYER_FIELDS.get(name)
+            grown = value - self.seen.get(name, 0)
+            if field is None or grown <= 0:
+                continue
+            counter = _child(field.counter, *field.labels) if field.labels else field.counter
+            counter.inc(grown)
+            self.seen[name] = value
+
+
+_sync_started = False
+
+
+def start_layer_sync() -> None:
+    """Start this process's copying thread (once; a daemon: it dies with the worker)."""
+    global _sync_started
+    if not ENABLED or _sync_started:
+        return
+    _sync_started = True
+    from channel_layer.stats import stats
+
+    syncer = LayerStatsSync()
+
+    def run() -> None:
+        while True:
+            try:
+                syncer.sync(stats())
+            except Exception:
+                logger.exception("could not copy the channel layer's counters")
+            time.sleep(SYNC_SECONDS)
+
+    threading.Thread(target=run, name="layer-stats-sync", daemon=True).start()
+
+
+# -- the README's table ---------------------------------------------------------------------------
+def markdown_table() -> str:
+    rows = ["| Metric | Type | Labels | Meaning |", "|---|---|---|---|"]
+    for metric in CATALOGUE:
+        kind = metric._type  # prometheus_client has no public accessor
+        name = metric._name + ("_total" if kind == "counter" else "")
+        labels = ", ".join(metric._labelnames)
+        rows.append(f"| `{name}` | {kind} | {labels} | {metric._documentation} |")
+    for name, kind, labels, doc in SCRAPE_TIME_METRICS:
+        rows.append(f"| `{name}` | {kind} | {labels} | {doc} |")
+    return "\n".join(rows)
+
+
+README_START = "<!-- metrics-table:start -->"
+README_END = "<!-- metrics-table:end -->"
+
+
+def with_table(readme: str) -> str:
+    """``readme`` with the generated table between its metrics-table markers."""
+    head, rest = readme.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
+
+
+if __name__ == "__main__":
+    import sys
+    from pathlib import Path
+
+    if sys.argv[1:2] == ["--write-readme"]:
+        readme = Path(sys.argv[2])
+        readme.write_text(with_table(readme.read_text()))
+    else:
+        print(markdown_table())
