@@ -41,18 +41,16 @@ class MetricsEndpoint:
         kind = scope["type"]
         if kind == "websocket":
             context.begin(scope.get("path", ""))
-        elif (
-            kind == "http"
-            and scope["path"] == METRICS_PATH
-            and scope["method"] in {"GET", "HEAD"}
-            and metrics.ENABLED
-            and not any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
-        ):
-            return await _serve_metrics(send)
+        elif kind == "http" and scope["path"] == METRICS_PATH:
+            proxied = any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
+            if metrics.ENABLED and not proxied and scope["method"] in {"GET", "HEAD"}:
+                accept = dict(scope.get("headers", ())).get(b"accept", b"").decode("latin-1")
+                return await _serve_metrics(send, accept)
+            return await _not_found(send)
         return await self.inner(scope, receive, send)
 
 
-async def _serve_metrics(send: Send) -> None:
+async def _serve_metrics(send: Send, accept: str) -> None:
     from health.checks import readiness
 
     try:
@@ -60,7 +58,7 @@ async def _serve_metrics(send: Send) -> None:
     except TimeoutError:
         checks = {"timeout": f"no answer within {READY_TIMEOUT_SECONDS} s"}
     # Reading every worker's files and /proc is blocking file I/O: not on the event loop.
-    payload, content_type = await asyncio.to_thread(exposition, checks)
+    payload, content_type = await asyncio.to_thread(exposition, checks, accept)
     await send(
         {
             "type": "http.response.start",
@@ -85,9 +83,22 @@ class _Everything:
         return self.registry.collect()
 
 
-def exposition(checks: dict[str, str]) -> tuple[bytes, str]:
-    """The text exposition of this replica and its content type."""
-    from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
+async def _not_found(send: Send) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 404,
+            "headers": [(b"content-type", b"text/plain"), (b"content-length", b"10")],
+        }
+    )
+    await send({"type": "http.response.body", "body": b"Not Found\n"})
+
+
+def exposition(checks: dict[str, str], accept: str = "") -> tuple[bytes, str]:
+    """This replica's exposition, in the format the scraper's ``Accept`` header prefers
+    (Prometheus text, or OpenMetrics), and its content type."""
+    from prometheus_client import REGISTRY, CollectorRegistry
+    from prometheus_client.exposition import choose_encoder
     from prometheus_client.multiprocess import MultiProcessCollector
 
     from observability.scrape import ReadinessCollector, ReplicaProcessCollector
@@ -100,4 +111,5 @@ def exposition(checks: dict[str, str]) -> tuple[bytes, str]:
         registry = CollectorRegistry()
         registry.register(_Everything(REGISTRY))
     registry.register(ReadinessCollector(checks))
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    encode, content_type = choose_encoder(accept)
+    return encode(registry), content_type

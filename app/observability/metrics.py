@@ -278,6 +278,15 @@ def start_layer_sync() -> None:
     _sync_started = True
     from channel_layer.stats import stats
 
+    # Every series exists from the start, at 0: a query for drops or notifications returns a
+    # value (0), not nothing, and increase() sees the first one.
+    for field in LAYER_FIELDS.values():
+        if field.labels:
+            _child(field.counter, *field.labels)
+    for endpoint in context.ENDPOINTS.values():
+        for metric in (WEBSOCKET_CONNECTIONS, DELIVERIES, FRAMES_RECEIVED, FANOUT_LATENCY):
+            _child(metric, endpoint)
+
     syncer = LayerStatsSync()
 
     def run() -> None:
