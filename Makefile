@@ -47,8 +47,9 @@ format: venv  ## Apply ruff's fixes and formatting
 createsuperuser: venv  ## Create an admin user for the native stack
 	$(BIN)/python -m infra.stack manage createsuperuser
 
-settings-table: venv  ## Regenerate the README's settings table from app/config/env.py
+settings-table: venv  ## Regenerate the README's settings and metrics tables (app/config/env.py, app/observability/metrics.py)
 	$(BIN)/python app/config/env.py --write-readme README.md
+	cd app && ../$(BIN)/python -m observability.metrics --write-readme ../README.md
 
 lock: venv  ## Re-pin requirements/*.txt from pyproject.toml
 	$(BIN)/pip install -q uv

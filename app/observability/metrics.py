@@ -306,10 +306,10 @@ def markdown_table() -> str:
     for metric in CATALOGUE:
         kind = metric._type  # prometheus_client has no public accessor
         name = metric._name + ("_total" if kind == "counter" else "")
-        labels = ", ".join(metric._labelnames)
+        labels = ", ".join(metric._labelnames) or "-"
         rows.append(f"| `{name}` | {kind} | {labels} | {metric._documentation} |")
     for name, kind, labels, doc in SCRAPE_TIME_METRICS:
-        rows.append(f"| `{name}` | {kind} | {labels} | {doc} |")
+        rows.append(f"| `{name}` | {kind} | {labels or '-'} | {doc} |")
     return "\n".join(rows)
 
 
