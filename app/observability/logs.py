@@ -7,7 +7,8 @@ handshake to its close. Django's loggers (``config/settings.py``) and gunicorn's
 own (``infra/gunicorn.conf.py``) all use this formatter, so the stream is JSON from end to end.
 
 The messages are the plain format's, word for word: what the log-hygiene test keeps out of them
-(bodies, tokens, query strings) stays out of both.
+(bodies, tokens, query strings) stays out of both. Nothing else is written: ``extra`` attributes
+of a record are dropped (Django's request log attaches the request, query string included).
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import os
 import socket
 from typing import Any
 
-from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.json import JsonFormatter as _JsonFormatter
 
 from observability import context
@@ -25,6 +25,11 @@ from observability import context
 FORMATS = ("plain", "json")
 #: The plain format, shared by Django's and gunicorn's loggers.
 PLAIN_FORMAT = "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"
+#: The only keys a JSON line may carry.
+JSON_KEYS = frozenset(
+    {"timestamp", "level", "logger", "pid", "replica", "message", "connection", "endpoint"}
+    | {"exc_info", "stack_info"}
+)
 
 
 def replica_name() -> str:
@@ -39,8 +44,6 @@ class JsonFormatter(_JsonFormatter):
             "rename_fields", {"levelname": "level", "name": "logger", "process": "pid"}
         )
         kwargs.setdefault("timestamp", "timestamp")
-        # uvicorn's ``color_message`` repeats the message with terminal colour codes.
-        kwargs.setdefault("reserved_attrs", [*RESERVED_ATTRS, "color_message"])
         kwargs.setdefault("json_ensure_ascii", False)
         super().__init__(*args, **kwargs)
         self.replica = replica_name()
@@ -49,6 +52,8 @@ class JsonFormatter(_JsonFormatter):
         self, log_data: dict[str, Any], record: logging.LogRecord, message_dict: dict[str, Any]
     ) -> None:
         super().add_fields(log_data, record, message_dict)
+        for key in [key for key in log_data if key not in JSON_KEYS]:
+            del log_data[key]
         log_data["replica"] = self.replica
         connection = context.current.get()
         if connection is not context.NO_CONNECTION:
