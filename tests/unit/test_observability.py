@@ -53,6 +53,7 @@ async def test_a_delivery_is_counted_timed_and_its_stamp_never_reaches_the_clien
     assert (await communicator.receive_json_from(timeout=10))["code"] == "invalid_json"
     await communicator.disconnect()
 
+    metrics.flush_batches()  # what each worker's sync thread does every second
     assert sample("switchboard_websocket_deliveries_total", endpoint="other") == (
         before["deliveries"] + 1
     )
@@ -67,6 +68,33 @@ async def test_a_delivery_is_counted_timed_and_its_stamp_never_reaches_the_clien
     ) == (before["accepted"] + 1)
     assert sample("switchboard_websocket_error_frames_total", endpoint="other", code="invalid_json")
     assert sample("switchboard_websocket_connections", endpoint="other") == open_now - 1
+
+
+def test_batched_observations_write_what_observe_writes() -> None:
+    """BatchedHistogram writes through the histogram's own values: the exposition must be the
+    one ``Histogram.observe`` gives for the same observations (a prometheus_client upgrade
+    that changes its layout fails here)."""
+    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+
+    values = [0.0, 0.001, 0.0011, 0.05, 0.1, 0.3, 7.0, 0.25]
+    exposed = []
+    for batched in (False, True):
+        registry = CollectorRegistry()
+        histogram = Histogram("t_seconds", "t", buckets=metrics.LATENCY_BUCKETS, registry=registry)
+        counter = Counter("t_observed", "t", registry=registry)
+        batch = metrics.BatchedHistogram(histogram, counter)
+        metrics.BATCHES.remove(batch)
+        for value in values:
+            if batched:
+                batch.observe(value)
+            else:
+                histogram.observe(value)
+                counter.inc()
+        batch.flush()
+        batch.flush()  # nothing twice
+        lines = generate_latest(registry).decode().splitlines()
+        exposed.append([line for line in lines if "created" not in line])
+    assert exposed[0] == exposed[1]
 
 
 def test_layer_counters_are_copied_as_increments() -> None:
