@@ -212,7 +212,7 @@ def handshake_refused(reason: str) -> None:
 
 def frame_received() -> None:
     if ENABLED:
-        _child(FRAMES_RECEIVED, context.current.get().endpoint).inc()
+        _frames_batch(context.current.get().endpoint).add()
 
 
 def error_frame_sent(code: str) -> None:
@@ -270,7 +270,32 @@ class BatchedHistogram:
             self.counter.inc(observed)
 
 
-BATCHES: list[BatchedHistogram] = []
+class BatchedCounter:
+    """A counter incremented per message, written to its file by :func:`flush_batches`."""
+
+    def __init__(self, counter: Counter) -> None:
+        self.counter = counter
+        self.lock = threading.Lock()
+        self.count = 0
+        BATCHES.append(self)
+
+    def add(self) -> None:
+        with self.lock:
+            self.count += 1
+
+    def flush(self) -> None:
+        with self.lock:
+            count, self.count = self.count, 0
+        if count:
+            self.counter.inc(count)
+
+
+BATCHES: list[BatchedHistogram | BatchedCounter] = []
+
+
+@functools.cache
+def _frames_batch(endpoint: str) -> BatchedCounter:
+    return BatchedCounter(_child(FRAMES_RECEIVED, endpoint))
 
 
 @functools.cache
