@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -178,6 +179,35 @@ async def test_connections_and_deliveries_match_what_the_clients_counted(
         assert measured(prom, "sum(switchboard_ready)") == 3
     prom.wait_for_scrapes_after(time.time())
     assert total(prom, "switchboard_websocket_connections") == 0
+
+
+def test_deliveries_match_the_load_tests_own_count(
+    observed: tuple[RunningStack, Prometheus], tmp_path: Path
+) -> None:
+    """``python -m loadtests fanout`` accounts for every frame its clients receive; the
+    replicas' delivery counter, summed by Prometheus, must say the same number."""
+    stack, prom = observed
+    prom.wait_for_scrapes_after(time.time())
+    before = total(prom, "switchboard_websocket_deliveries_total")
+    report = tmp_path / "fanout.json"
+    command = [
+        *(sys.executable, "-m", "loadtests", "fanout", "--target", stack.base_url),
+        *("--ca", str(stack.stack.ca_file), "--run-dir", str(stack.stack.run_dir)),
+        *("--connections", "60", "--room-size", "10", "--rate", "2", "--duration", "3"),
+        *("--json", str(report), "--no-plot", "--no-progress"),
+    ]
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    [target] = json.loads(report.read_text())["targets"]
+    phases = target["warmups"] + target["phases"]
+    assert sum(p["lost"] + p["duplicated"] for p in phases) == 0
+    counted = sum(p["received"] + p["late_frames"] for p in phases)
+    FIGURES.append(("deliveries counted by python -m loadtests fanout", counted))
+    time.sleep(1.5)  # each worker writes its deliveries to the metric files once a second
+    prom.wait_for_scrapes_after(time.time())
+    assert total(prom, "switchboard_websocket_deliveries_total") - before == counted
 
 
 async def test_a_killed_worker_shows_and_the_connection_gauge_recovers(
