@@ -55,19 +55,26 @@ class Prometheus:
         assert len(result) == 1, (expr, result)
         return float(result[0]["value"][1])
 
-    def wait_for_scrapes_after(self, moment: float, timeout: float = 15) -> None:
-        """Until every target was scraped after ``moment`` (``time.time()``) successfully."""
+    def wait_for_scrapes_after(self, moment: float, timeout: float = 20) -> None:
+        """Until every target has a successful scrape that started after ``moment``
+        (``time.time()``); a failed scrape (a loaded machine) is followed by the next one."""
         deadline = time.monotonic() + timeout
         up = f'up{{job="{JOB}"}}'
         while time.monotonic() < deadline:
             # timestamp() of a plain selector is the scrape's time (of an expression such as
             # ``up == 1``, Prometheus 2.42 gives the evaluation time instead).
-            scraped = self.query(f"min(timestamp({up}))")
-            if scraped and float(scraped[0]["value"][1]) > moment:
-                assert self.value(f"min({up})") == 1, self.query(up)
+            scraped = {
+                r["metric"]["instance"]: float(r["value"][1])
+                for r in self.query(f"timestamp({up})")
+            }
+            healthy = {r["metric"]["instance"]: r["value"][1] == "1" for r in self.query(up)}
+            if scraped and all(t > moment for t in scraped.values()) and all(healthy.values()):
                 return
             time.sleep(0.25)
-        raise TimeoutError(f"no complete scrape of every target after {moment} within {timeout} s")
+        raise TimeoutError(
+            f"no successful scrape of every target after {moment} within {timeout} s: "
+            f"{self.query(up)}"
+        )
 
 
 @contextmanager
