@@ -147,7 +147,12 @@ LAYER_FIELDS: dict[str, Field] = {
 
 #: Measured when ``/metrics`` is scraped (observability.scrape), not kept in files.
 SCRAPE_TIME_METRICS: tuple[tuple[str, str, str, str], ...] = (
-    ("switchboard_ready", "gauge", "", "1 when the replica's /readyz checks pass, else 0."),
+    (
+        "switchboard_ready",
+        "gauge",
+        "",
+        "1 when the replica's /readyz checks pass (each within 0.5 s in a scrape), else 0.",
+    ),
     ("switchboard_redis_up", "gauge", "", "1 when Redis answers PING, else 0."),
     (
         "process_cpu_seconds_total",

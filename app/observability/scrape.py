@@ -65,7 +65,9 @@ class ReadinessCollector(Collector):
     def collect(self) -> Iterable[Metric]:
         ready = bool(self.checks) and all(value == "ok" for value in self.checks.values())
         yield GaugeMetricFamily(
-            "switchboard_ready", "1 when the replica's /readyz checks pass, else 0.", int(ready)
+            "switchboard_ready",
+            "1 when the replica's /readyz checks pass (each within 0.5 s in a scrape), else 0.",
+            int(ready),
         )
         if "redis" in self.checks:
             yield GaugeMetricFamily(

@@ -290,3 +290,38 @@ def test_metrics_endpoint_returns_nothing_through_the_gateway_path(
         f"http://127.0.0.1:{port}/metrics", headers={"Forwarded": "for=198.51.100.7"}
     )
     assert response.status_code == 404
+
+
+def test_redis_down_sets_off_the_alerts_on_real_data(
+    observed: tuple[RunningStack, Prometheus],
+) -> None:
+    """Runs last: it stops the module's Redis. The alerts go pending as soon as their
+    expressions hold on the scraped data (their ``for:`` durations are promtool's to test)."""
+    stack, prom = observed
+    stopped = stack.stack.supervisorctl("stop", "redis")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    try:
+        moment = time.time()
+        prom.wait_for_scrapes_after(moment)
+        assert measured(prom, "max(switchboard_redis_up)") == 0
+        assert measured(prom, "max(switchboard_ready)") == 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            alerts = {a["labels"]["alertname"]: a for a in prom.api("/api/v1/alerts")["alerts"]}
+            if {"SwitchboardRedisUnreachable", "SwitchboardNoReadyReplica"} <= set(alerts):
+                break
+            time.sleep(0.5)
+        assert {"SwitchboardRedisUnreachable", "SwitchboardNoReadyReplica"} <= set(alerts)
+        unreachable = [
+            a
+            for a in prom.api("/api/v1/alerts")["alerts"]
+            if a["labels"]["alertname"] == "SwitchboardRedisUnreachable"
+        ]
+        assert len(unreachable) == 3, unreachable  # one per replica
+    finally:
+        started_again = stack.stack.supervisorctl("start", "redis")
+        assert started_again.returncode == 0, started_again.stdout + started_again.stderr
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and prom.query("min(switchboard_ready) == 1") == []:
+        time.sleep(0.5)
+    assert measured(prom, "min(switchboard_redis_up)") == 1
