@@ -11,7 +11,8 @@ BIN    := $(VENV)/bin
 VALIDATORS ?= .venv-validators
 # Debian packages only the tests need: PostgreSQL for the e2e run against a real database,
 # envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
-# browser test (tests/browser, driven by Playwright; its own browser download is never used).
+# browser test (tests/browser, driven by Playwright; its own browser download is never used),
+# Prometheus and promtool for the metrics, alert-rule and dashboard tests (tests/e2e/test_prometheus.py).
 TEST_PACKAGES ?= postgresql gettext-base chromium prometheus
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
