@@ -64,7 +64,8 @@ HANDSHAKES = Counter(
 )
 CLOSES = Counter(
     "switchboard_websocket_closes",
-    "Websocket connections ended, by endpoint and close code (1006: dropped without one).",
+    "Websocket connections ended, by endpoint and close code (1006: dropped without one; "
+    "codes a client chose from 3000-4999: other).",
     ["endpoint", "code"],
 )
 FRAMES_RECEIVED = Counter(
@@ -201,10 +202,16 @@ def connection_opened(*, handshake_accepted: bool) -> None:
         _child(WEBSOCKET_CONNECTIONS, endpoint).inc()
 
 
+#: Close codes that get a label value of their own: the protocol's (RFC 6455) and the app's
+#: (4400, 4401, 4404). A client may close with any code from 3000 to 4999; those are "other",
+#: so no client can make a series per code.
+CLOSE_CODES = frozenset(range(1000, 1016)) | {4400, 4401, 4404}
+
+
 def connection_closed(code: int, *, was_open: bool) -> None:
     if ENABLED:
         endpoint = context.current.get().endpoint
-        _child(CLOSES, endpoint, str(code)).inc()
+        _child(CLOSES, endpoint, str(code) if code in CLOSE_CODES else "other").inc()
         if was_open:
             _child(WEBSOCKET_CONNECTIONS, endpoint).dec()
 

@@ -98,6 +98,18 @@ def test_batched_observations_write_what_observe_writes() -> None:
     assert exposed[0] == exposed[1]
 
 
+def test_client_chosen_close_codes_cannot_grow_the_series() -> None:
+    before = sample("switchboard_websocket_closes_total", endpoint="other", code="other")
+    for code in (3000, 3999, 4000, 4999):
+        metrics.connection_closed(code, was_open=False)
+    metrics.connection_closed(4401, was_open=False)
+    assert sample("switchboard_websocket_closes_total", endpoint="other", code="other") == (
+        before + 4
+    )
+    assert sample("switchboard_websocket_closes_total", endpoint="other", code="4401") >= 1
+    assert not sample("switchboard_websocket_closes_total", endpoint="other", code="3999")
+
+
 def test_layer_counters_are_copied_as_increments() -> None:
     syncer = metrics.LayerStatsSync()
     published = sample("switchboard_layer_published_total")
