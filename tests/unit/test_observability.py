@@ -163,3 +163,28 @@ def test_json_log_lines_carry_the_fixed_keys_only() -> None:
     assert line["connection"] == "abcdef012345" and line["endpoint"] == "chat"
     assert {"timestamp", "pid", "replica"} <= set(line)
     assert "request" not in line and "secret" not in json.dumps(line)
+
+
+def test_a_replica_starts_with_an_empty_metrics_folder(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files of an earlier run would add their counts to the new one: gunicorn's on_starting
+    empties METRICS_DIR (or makes a new private folder) before any worker imports the metrics."""
+    from observability import replica
+
+    folder = tmp_path / "metrics"
+    folder.mkdir()
+    (folder / "counter_4242.db").write_bytes(b"stale")
+    (folder / "keep.txt").write_text("not ours")
+    monkeypatch.setenv("METRICS_DIR", str(folder))
+    # Recorded, so that the variable prepare_metrics_dir() sets is undone after the test.
+    monkeypatch.setenv(replica.ENV_VAR, "")
+    assert replica.prepare_metrics_dir() == folder
+    assert sorted(p.name for p in folder.iterdir()) == ["keep.txt"]
+    assert __import__("os").environ[replica.ENV_VAR] == str(folder)
+
+    monkeypatch.setenv("METRICS_DIR", "")
+    private = replica.prepare_metrics_dir()
+    assert private is not None and private.is_dir() and not any(private.iterdir())
+    replica.remove_metrics_dir()
+    assert not private.exists()
