@@ -13,8 +13,9 @@ VALIDATORS ?= .venv-validators
 # envsubst (gettext-base) to render the nginx template as the nginx image does, Chromium for the
 # browser test (tests/browser, driven by Playwright; its own browser download is never used),
 # iproute2 (`ip`) for the network namespaces of tests/static/sentinel_pods.py, compose_redis.py,
-# Node.js with Debian's `ws` module for the README's JavaScript client (tests/browser/test_cli_client.py).
-TEST_PACKAGES ?= postgresql gettext-base chromium iproute2 nodejs node-ws
+# Node.js with Debian's `ws` module for the README's JavaScript client (tests/browser/test_cli_client.py),
+# Prometheus and promtool for the metrics, alert-rule and dashboard tests (tests/e2e/test_prometheus.py).
+TEST_PACKAGES ?= postgresql gettext-base chromium iproute2 nodejs node-ws prometheus
 # Extra pytest arguments, e.g. `make test PYTEST_ARGS="-k chat -x"`.
 PYTEST_ARGS ?=
 
@@ -49,8 +50,9 @@ format: venv  ## Apply ruff's fixes and formatting
 createsuperuser: venv  ## Create an admin user for the native stack
 	$(BIN)/python -m infra.stack manage createsuperuser
 
-settings-table: venv  ## Regenerate the README's settings table from app/config/env.py
+settings-table: venv  ## Regenerate the README's settings and metrics tables (app/config/env.py, app/observability/metrics.py)
 	$(BIN)/python app/config/env.py --write-readme README.md
+	cd app && ../$(BIN)/python -m observability.metrics --write-readme ../README.md
 
 lock: venv  ## Re-pin requirements/*.txt from pyproject.toml
 	$(BIN)/pip install -q uv

@@ -11,6 +11,8 @@ _ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(_ROOT), str(_ROOT / "app")]
 
 from config import env  # noqa: E402
+from observability import logs as _logs  # noqa: E402
+from observability import replica as _replica  # noqa: E402
 
 wsgi_app = "config.asgi:application"
 worker_class = "infra.uvicorn_worker.SwitchboardUvicornWorker"
@@ -37,3 +39,23 @@ proc_name = "switchboard"
 # or stop the replica through it. supervisord and signals manage replicas; gunicorn < 25 ignores
 # this name.
 control_socket_disable = True
+
+# -- metrics and logs (app/observability/) ---------------------------------------------------------
+# LOG_FORMAT=json: gunicorn's own records, and uvicorn's (the worker hands them gunicorn's
+# handlers), in the app's JSON format.
+if env.get("LOG_FORMAT") == "json":
+    logconfig_dict = _replica.gunicorn_logconfig(_logs.formatter_config("json"))
+
+
+def on_starting(server: object) -> None:
+    """Before any worker exists: give this replica an empty folder for its metric files."""
+    _replica.prepare_metrics_dir()
+
+
+def child_exit(server: object, worker: object) -> None:
+    """A worker is gone (exit, crash, SIGKILL): its open sockets leave the connection gauge."""
+    _replica.worker_exited(worker.pid)  # type: ignore[attr-defined]
+
+
+def on_exit(server: object) -> None:
+    _replica.remove_metrics_dir()

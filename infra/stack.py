@@ -364,7 +364,9 @@ class Stack:
             foreground=foreground,
             priority="20",
             directory=str(ROOT / "app"),
-            environment=f'PORT="{port}",REPLICA_NAME="{self.replica_name(index)}"',
+            # Each replica's metric files in a folder of its own (gunicorn empties it at start).
+            environment=f'PORT="{port}",REPLICA_NAME="{self.replica_name(index)}",'
+            f'METRICS_DIR="{self.run_dir / "metrics" / f"app{index}"}"',
             # gunicorn's TERM is graceful: websockets get GRACEFUL_TIMEOUT to close.
             stopsignal="TERM",
             stopwaitsecs=str(graceful + 10),

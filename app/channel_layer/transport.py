@@ -15,12 +15,15 @@ import contextlib
 import logging
 import socket
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
+
+from observability.metrics import observe_redis_round_trip
 
 logger = logging.getLogger("switchboard.layer")
 
@@ -175,7 +178,7 @@ class RespConnection(asyncio.Protocol):
                 self.on_push(reply)
             elif self.waiting:
                 future = self.waiting.popleft()
-                self.sent_at.popleft()
+                observe_redis_round_trip(self.sent_at.popleft())
                 if future.done():
                     continue
                 if isinstance(reply, hiredis.ReplyError):
@@ -220,17 +223,16 @@ class RespConnection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append(future)
-        self.sent_at.append(loop.time())
+        self.sent_at.append(time.monotonic())  # uvloop's loop.time() has 1 ms resolution
         self.write(*args)
         return future
 
     async def watch(self, limit: float) -> None:
         """Close the connection when a reply is more than ``limit`` seconds late (a dead or
         wedged peer); one timer per connection instead of one per command."""
-        loop = asyncio.get_running_loop()
         while not self.lost.done():
             await asyncio.wait({self.lost}, timeout=min(1.0, limit))
-            if self.sent_at and loop.time() - self.sent_at[0] > limit:
+            if self.sent_at and time.monotonic() - self.sent_at[0] > limit:
                 logger.warning("channel layer: Redis did not answer within %g s", limit)
                 self.close()
                 return

@@ -23,6 +23,7 @@ from chat.protocol import (
     parse_recovery,
     room_group,
 )
+from observability import metrics
 from realtime import jsonframes
 from realtime.consumers import CLOSE_TRY_AGAIN_LATER, GroupMemberConsumer
 from realtime.identity import process_id
@@ -198,12 +199,12 @@ class ChatConsumer(GroupMemberConsumer):
             if settings.CHAT_HISTORY_SIZE and hasattr(self.channel_layer, "group_send_recorded"):
                 await self.channel_layer.group_send_recorded(
                     self.group,
-                    event,
+                    metrics.stamp(event),
                     size=settings.CHAT_HISTORY_SIZE,
                     ttl=settings.CHAT_HISTORY_TTL,
                 )
             else:
-                await self.channel_layer.group_send(self.group, event)
+                await self.channel_layer.group_send(self.group, metrics.stamp(event))
         except Exception as exc:  # Redis unreachable: the sender is told, nothing is queued
             logger.info("group_send refused for room=%s (%s)", self.room, type(exc).__name__)
             keeper.poke()
@@ -254,7 +255,9 @@ def encoded_frame(event: dict[str, Any]) -> str:
     """The JSON text frame of a ``chat.message`` event, as this process delivers it."""
     text = _FRAMES.get(event["id"])
     if text is None:
-        frame = {key: value for key, value in event.items() if key != "type"}
+        # Keys starting with "_" are internal (the metrics' acceptance stamp, which a replay
+        # from history still carries): never part of a client frame.
+        frame = {key: value for key, value in event.items() if key != "type" and key[0] != "_"}
         # "username" keeps the seeds' clients (data.username) working beside "user".
         frame.update(type="chat.message", username=event["user"], delivered_by=process_id())
         text = jsonframes.dumps(frame)

@@ -288,6 +288,21 @@ SETTINGS: tuple[Setting, ...] = (
         DJANGO,
         "Name of this replica in `sent_by`/`delivered_by` (default: the host name).",
     ),
+    Setting(
+        "METRICS_ENABLED",
+        "true",
+        DJANGO,
+        "Prometheus metrics on `GET /metrics` of each replica's own port (never through nginx "
+        "or any proxy). `false`: no endpoint, and nothing counted.",
+    ),
+    Setting(
+        "LOG_FORMAT",
+        "plain",
+        DJANGO,
+        "`plain` (one line of text per record) or `json` (one JSON object per line, with "
+        "timestamp, level, logger, pid, replica and the websocket's connection id); gunicorn's "
+        "and uvicorn's own logs too.",
+    ),
     # -- gunicorn / uvicorn ---------------------------------------------------------------------
     Setting("PORT", "8000", SERVER, "Port one replica's gunicorn listens on."),
     Setting("BIND_HOST", "127.0.0.1", SERVER, "Address gunicorn binds; `0.0.0.0` in containers."),
@@ -303,6 +318,13 @@ SETTINGS: tuple[Setting, ...] = (
         "127.0.0.1,::1",
         SERVER,
         "Proxies whose X-Forwarded-* headers are trusted (nginx). Nobody else's are.",
+    ),
+    Setting(
+        "METRICS_DIR",
+        "",
+        SERVER,
+        "Folder of one replica's metric files (prometheus_client multiprocess mode), emptied at "
+        "its start. Empty: a new private folder under the system temp folder, removed at exit.",
     ),
     # -- native stack (make run) ----------------------------------------------------------------
     Setting("SWITCHBOARD_REPLICAS", "3", STACK, "App replicas (gunicorn masters) started."),

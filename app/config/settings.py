@@ -13,6 +13,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from config import env
 from config.channel_layers import channel_layers_from_env
+from observability.logs import formatter_config
 
 APP_DIR = Path(__file__).resolve().parent.parent
 REPO_DIR = APP_DIR.parent
@@ -174,10 +175,9 @@ LOG_LEVEL = env.get("DJANGO_LOG_LEVEL").upper()
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # LOG_FORMAT: plain text, or one JSON object per line (observability/logs.py).
+    "formatters": {"switchboard": formatter_config(env.get("LOG_FORMAT"))},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "switchboard"}},
     "root": {"handlers": ["console"], "level": "WARNING"},
     "loggers": {
         name: {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False}

@@ -14,6 +14,7 @@ import redis.exceptions
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 
+from observability import metrics
 from realtime.identity import process_id
 
 #: What a push raises when the channel layer (Redis) is unreachable: the default layer's
@@ -37,14 +38,16 @@ def notify_user(
     event_id = uuid.uuid4().hex
     async_to_sync(get_channel_layer().group_send)(
         user_group(user_id),
-        {
-            "type": "notification",
-            "id": event_id,
-            "notification_type": notification_type,
-            "message": message,
-            "data": data or {},
-            "sent_by": process_id(),
-        },
+        metrics.stamp(
+            {
+                "type": "notification",
+                "id": event_id,
+                "notification_type": notification_type,
+                "message": message,
+                "data": data or {},
+                "sent_by": process_id(),
+            }
+        ),
     )
     return event_id
 

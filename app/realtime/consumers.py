@@ -29,6 +29,8 @@ It adds what every long-lived group member needs:
   (:data:`DB_EVENTS`), no new task per message (:func:`dispatch_serially`), and
   :meth:`~GroupMemberConsumer.send_frame` for frames, past the session middleware's per-send
   bookkeeping. Handlers still run one at a time, in arrival order per source.
+* **Metrics in one place** (``observability.metrics``): handshakes accepted and refused, open
+  sockets, close codes, frames received, error frames, deliveries and their fan-out latency.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from channel_layer.membership import keeper
+from observability import metrics
 from realtime import jsonframes
 from realtime.events import DROPPED_EVENTS, EventSchema
 from wsauth.authority import SocketAuthority
@@ -155,6 +158,8 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         super().__init__(*args, **kwargs)
         self.joined: list[str] = []
         self._renewal: asyncio.Task | None = None
+        self._accepted = False
+        self._refusing = False
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         """``AsyncConsumer.__call__`` with :func:`dispatch_serially` as its dispatch loop."""
@@ -184,6 +189,10 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
     async def _leave_after_failure(self) -> None:
         """What a disconnect does, for a consumer ended by an exception (or cancelled): leave
         every group, then let the layer forget the channel. Best effort: errors are logged."""
+        self.stop_authority()
+        if self._accepted:  # the open-sockets gauge counted it: the server ends it with 1011
+            metrics.connection_closed(1011, was_open=True)
+            self._accepted = False
         keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()
@@ -279,8 +288,19 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
                 except Exception as exc:  # channel_layer.membership restores it when Redis is back
                     logger.warning("could not renew %s (%s)", group, type(exc).__name__)
 
+    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
+        await super().accept(subprotocol, headers)
+        self._accepted = True
+        metrics.connection_opened(handshake_accepted=not self._refusing)
+
+    async def websocket_receive(self, message: dict[str, Any]) -> None:
+        metrics.frame_received()
+        await super().websocket_receive(message)
+
     async def websocket_disconnect(self, message: dict[str, Any]) -> None:
         self.stop_authority()  # wsauth: no token clock or session check for a closed socket
+        metrics.connection_closed(message.get("code", 1000), was_open=self._accepted)
+        self._accepted = False
         keeper.discard(self)
         if self._renewal is not None:
             self._renewal.cancel()
@@ -312,10 +332,15 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
                 return
         if kind in DB_EVENTS:
             await super().dispatch(message)  # closes stale DB connections first (a thread hop)
-        else:
-            await getattr(self, handler_name)(message)
+            return
+        # Removed whatever METRICS_ENABLED says here: no client frame may carry it.
+        accepted_at = message.pop(metrics.ACCEPTED_AT, None)
+        await getattr(self, handler_name)(message)
+        if accepted_at is not None and metrics.ENABLED:
+            metrics.delivered(accepted_at)
 
     async def send_error(self, code: str, detail: str) -> None:
+        metrics.error_frame_sent(code)
         await self.send(
             text_data=jsonframes.dumps({"type": "error", "code": code, "detail": detail})
         )
@@ -324,6 +349,8 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         """Accept only to say why, then close: browsers cannot read a refused handshake."""
         # %r: a path may carry (percent-decoded) newlines that would forge log lines.
         logger.info("refused %s %r: %s", self.client, self.scope.get("path"), code)
+        metrics.handshake_refused(code)
+        self._refusing = True
         await self.accept()
         await self.send_error(code, detail)
         await self.close(code=close_code)

@@ -19,6 +19,7 @@ from urllib.parse import ParseResult
 from channels.security.websocket import OriginValidator
 from django.conf import settings
 
+from observability import metrics
 from wsauth.middleware import presented_token
 
 logger = logging.getLogger("switchboard.ws")
@@ -39,6 +40,7 @@ class LoggedOriginValidator(OriginValidator):
         # %r: the header is the client's text; repr keeps it on one log line.
         origin = parsed_origin.geturl()[:200] if parsed_origin is not None else None
         logger.info("refused websocket: origin_not_allowed (Origin %r)", origin)
+        metrics.handshake_refused("origin")
         return False
 
 

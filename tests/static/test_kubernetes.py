@@ -26,7 +26,7 @@ from tests.static.support import (
 from tests.validators import run
 
 #: API groups whose kinds kubernetes-validate has no schema for; they may only warn.
-CRD_GROUPS = ("cert-manager.io", "gateway.networking.k8s.io")
+CRD_GROUPS = ("cert-manager.io", "gateway.networking.k8s.io", "monitoring.coreos.com")
 _CRD_WARNING = re.compile(
     r"^WARN .* Couldn't find schema for kind \w+ with api version "
     r"(" + "|".join(re.escape(group) for group in CRD_GROUPS) + r")/"
