@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from tests.static.support import K8S_TARGETS, OVERLAYS, ROOT, load_manifests
+from tests.static.support import OVERLAYS, kustomize_directory, load_manifests
 from tests.validators import validators_bin
 
 KUBECTL_HELP = (
@@ -37,22 +37,6 @@ def kubectl() -> str:
     return found
 
 
-def _kustomize_directory(target: str, scratch: Path) -> Path:
-    """The overlay directory to render for ``target``: the repository's own, or a copy of k8s/
-    with the one documented line of the overlay's kustomization.yaml swapped."""
-    overlay, swap = K8S_TARGETS[target]
-    if swap is None:
-        return ROOT / "k8s" / "overlays" / overlay
-    copy = scratch / target / "k8s"
-    shutil.copytree(ROOT / "k8s", copy)
-    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
-    text = kustomization.read_text()
-    line, replacement = swap
-    assert text.count(line) == 1, f"{overlay}: the documented line {line!r} is not there once"
-    kustomization.write_text(text.replace(line, replacement))
-    return kustomization.parent
-
-
 @pytest.fixture(scope="session")
 def rendered(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """target (support.K8S_TARGETS) -> file holding `kubectl kustomize` of it."""
@@ -61,7 +45,7 @@ def rendered(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     files = {}
     for target in OVERLAYS:
         result = subprocess.run(
-            [kubectl, "kustomize", str(_kustomize_directory(target, scratch))],
+            [kubectl, "kustomize", str(kustomize_directory(target, scratch))],
             capture_output=True,
             text=True,
             check=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,22 @@ def redis_kind(target: str) -> str:
     if K8S_TARGETS[target][1] is not None:
         return "sentinel"
     return "single" if overlay_of(target) == "local" else "managed-cluster"
+
+
+def kustomize_directory(target: str, scratch: Path) -> Path:
+    """The overlay directory to render for ``target``: the repository's own, or a copy of k8s/
+    with the one documented line of the overlay's kustomization.yaml swapped."""
+    overlay, swap = K8S_TARGETS[target]
+    if swap is None:
+        return ROOT / "k8s" / "overlays" / overlay
+    copy = scratch / target / "k8s"
+    shutil.copytree(ROOT / "k8s", copy)
+    kustomization = copy / "overlays" / overlay / "kustomization.yaml"
+    text = kustomization.read_text()
+    line, replacement = swap
+    assert text.count(line) == 1, f"{overlay}: the documented line {line!r} is not there once"
+    kustomization.write_text(text.replace(line, replacement))
+    return kustomization.parent
 
 
 #: Services that run once and exit; everything else must be healthy to be depended on.

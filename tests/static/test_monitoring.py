@@ -21,7 +21,7 @@ import yaml
 from channel_layer.stats import stats
 from observability import metrics
 from tests.prometheus_server import binary
-from tests.static.support import OVERLAYS, ROOT, load_compose
+from tests.static.support import OVERLAYS, ROOT, kustomize_directory, load_compose
 from tests.static.test_kubernetes import KUBERNETES_VERSIONS, _kubernetes_validate
 
 MONITORING = ROOT / "monitoring"
@@ -171,18 +171,20 @@ def test_readme_metrics_table_is_generated_from_the_catalogue() -> None:
 def with_components(kubectl: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """overlay -> rendered overlay + the monitoring and autoscaling components."""
     files = {}
+    scratch = tmp_path_factory.mktemp("monitoring-variants")
     for overlay in OVERLAYS:
         folder = tmp_path_factory.mktemp(f"components-{overlay}")
-        up = os.path.relpath(ROOT, folder)
+        overlay_dir = kustomize_directory(overlay, scratch)
+        components = overlay_dir.parent.parent / "components"
         (folder / "kustomization.yaml").write_text(
             yaml.safe_dump(
                 {
                     "apiVersion": "kustomize.config.k8s.io/v1beta1",
                     "kind": "Kustomization",
-                    "resources": [f"{up}/k8s/overlays/{overlay}"],
+                    "resources": [os.path.relpath(overlay_dir, folder)],
                     "components": [
-                        f"{up}/k8s/components/monitoring",
-                        f"{up}/k8s/components/autoscaling-connections",
+                        os.path.relpath(components / "monitoring", folder),
+                        os.path.relpath(components / "autoscaling-connections", folder),
                     ],
                 }
             )

@@ -31,7 +31,7 @@ def test_endpoints_are_a_bounded_label() -> None:
     assert context.endpoint_of("/ws/anything-else/") == "other"
 
 
-@pytest.mark.usefixtures("redis_layer")
+@pytest.mark.usefixtures("layer_on_redis")
 async def test_a_delivery_is_counted_timed_and_its_stamp_never_reaches_the_client() -> None:
     app = URLRouter(websocket_urlpatterns)
     metrics.flush_batches()  # what earlier tests delivered
@@ -133,7 +133,7 @@ async def call(app: Any, scope: dict[str, Any]) -> tuple[int, bytes]:
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
 
-@pytest.mark.usefixtures("redis_layer")
+@pytest.mark.usefixtures("layer_on_redis")
 async def test_metrics_are_served_directly_and_never_through_a_proxy() -> None:
     async def inner(scope: Any, receive: Any, send: Any) -> None:
         raise AssertionError("/metrics must not reach Django")
