@@ -390,10 +390,10 @@ def account(
 # -- resume: every accepted message delivered, recovered or reported lost ------------------------
 
 
-def _in_ranges(ranges: Iterable[tuple], epoch: str | None, offset: int) -> bool:
+def _in_ranges(ranges: Iterable[tuple], epoch: str | None, offset: int | None) -> bool:
     """Whether ``(epoch, offset)`` lies in one of ``(epoch, first, last)`` (``last`` ``None``:
     open-ended)."""
-    return any(
+    return offset is not None and any(
         e == epoch and first <= offset and (last is None or offset <= last)
         for e, first, last in ranges
     )
@@ -419,7 +419,8 @@ def account_resume(
     first, last)`` offset ranges the server reported lost (``recovered: false``) or the client
     saw skipped live; ``killed``: the connections of the killed process.
 
-    A message is *accepted* when it got an offset (some member received it); the offsets a
+    A message is *accepted* when some member received it (with history on, it then has an
+    offset; a server without history sends none, and nothing can be reported); the offsets a
     room's members saw between its lowest and highest, none of them received, are accepted
     messages nobody got. A message written to a socket of the killed process and received by
     nobody never reached the server (in flight when it died); one from another socket is
@@ -443,8 +444,7 @@ def account_resume(
             if phase != phase_id:
                 continue
             message = (sender, seq)
-            if offset is not None:
-                position.setdefault(message, (epoch, offset))
+            position.setdefault(message, (epoch, offset))
             if message in mine:
                 duplicates += 1
             else:

@@ -185,7 +185,7 @@ def _resume_section(r: dict[str, Any]) -> list[str]:
         f"{r['recovered_false']} recovered: false, {r['replayed_by_resumes']:,} messages "
         f"replayed; longest reconnect {_f(r['reconnect_s_max'], 2)} s; "
         f"{r['not_resumed_connections']} not resumed)",
-        f"messages: {r['written']:,} written, {r['accepted']:,} accepted (got an offset), "
+        f"messages: {r['written']:,} written, {r['accepted']:,} accepted (a member got it), "
         f"{r['in_flight_to_killed_process']:,} in flight to the killed worker (never accepted), "
         f"{r['unaccounted']:,} unaccounted, {r['refused_unavailable']:,} refused (unavailable)",
         f"deliveries of accepted messages: {r['delivered']:,} of {r['expected_deliveries']:,} "
