@@ -1,11 +1,13 @@
 """What room history costs Redis per message, and which part of the append script costs it.
 
-    python -m loadtests.history_bench [--messages 20000] [--rounds 2] [--subscribers 6]
+    python -m loadtests.history_bench [--messages 20000] [--rounds 2] [--batch 200]
 
-Starts a redis-server on loopback with ``--subscribers`` connections subscribed to one room's
-channel (as many worker processes of a stack), then sends ``--messages`` chat messages (a
-MessagePack event like the chat consumer's, ~230 bytes) as fast as a pipelined client can, once
-per *variant*, and divides the redis-server process's CPU time (``/proc``) by the messages:
+Starts a redis-server on loopback with ``--subscribers`` (6) connections subscribed to one
+room's channel (as many worker processes of a stack), then sends ``--messages`` chat messages
+(a MessagePack event like the chat consumer's, ~230 bytes) as fast as a client can,
+``--batch`` commands per round trip (1: one command per wake-up of Redis, as at a low rate),
+once per *variant*, and divides the redis-server process's CPU time (``/proc``) by the
+messages:
 
 * ``publish``: ``PUBLISH`` alone, what a message costs with ``CHAT_HISTORY_SIZE=0``;
 * ``append``: the layer's script (``channel_layer.history.APPEND``), as it runs;
@@ -41,7 +43,6 @@ from channel_layer.transport import RedisAddress, RespConnection  # noqa: E402
 
 CHANNEL = b"bench:0:g:{chat.room-1}"
 KEYS = (b"bench:h:{chat.room-1}", b"bench:hm:{chat.room-1}")
-BATCH = 200
 
 _WRITER_LINE = (
     "local writer = string.match(redis.call('INFO', 'replication'), 'master_replid:(%w+)')"
@@ -83,14 +84,14 @@ def event() -> bytes:
     )
 
 
-def send(port: int, password: str, source: str | None, count: int) -> None:
+def send(port: int, password: str, source: str | None, count: int, batch: int) -> None:
     client = redis.Redis(host="127.0.0.1", port=port, password=password)
     payload = event()
     sha = client.script_load(source) if source is not None else None
     sent = 0
     while sent < count:
         pipe = client.pipeline(transaction=False)
-        for _ in range(min(BATCH, count - sent)):
+        for _ in range(min(batch, count - sent)):
             if sha is None:
                 pipe.execute_command("PUBLISH", CHANNEL, b"hdr:1:" + payload)
             else:
@@ -103,7 +104,7 @@ def send(port: int, password: str, source: str | None, count: int) -> None:
 
 
 async def measure(
-    port: int, password: str, pid: int, source: str | None, count: int, subscribers: int
+    port: int, password: str, pid: int, source: str | None, count: int, subscribers: int, batch: int
 ) -> float:
     """Redis CPU microseconds per message for one variant."""
     received = confirmed = 0
@@ -126,7 +127,7 @@ async def measure(
         connection.write("SUBSCRIBE", CHANNEL)
     await asyncio.wait_for(ready.wait(), 10)
     cpu0 = procstat.cpu_seconds([pid])
-    await asyncio.to_thread(send, port, password, source, count)
+    await asyncio.to_thread(send, port, password, source, count, batch)
     try:
         await asyncio.wait_for(all_in.wait(), 60)
     except TimeoutError:
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--messages", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--subscribers", type=int, default=6)
+    parser.add_argument("--batch", type=int, default=200, help="commands per round trip")
     options = parser.parse_args(argv)
     single = _Topology(Path(tempfile.mkdtemp(prefix="history-bench-")))
     port = free_ports(1)
@@ -170,12 +172,14 @@ def main(argv: list[str] | None = None) -> None:
                         source,
                         options.messages,
                         options.subscribers,
+                        options.batch,
                     )
                 )
                 rows[name].append(us)
         print(
             f"\n{options.messages:,} messages per measurement, {options.subscribers} "
-            f"subscribers, {options.rounds} rounds: Redis CPU per message"
+            f"subscribers, {options.batch} per round trip, {options.rounds} rounds: "
+            "Redis CPU per message"
         )
         base = min(rows["append"])
         for name, values in rows.items():
