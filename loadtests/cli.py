@@ -357,6 +357,14 @@ def run(
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    unmanaged = [t.label for t in targets if not t.managed]
+    if scenario == "resume" and unmanaged:
+        # It kills one of the target's worker processes: only a stack this tool started.
+        print(
+            f"error: resume needs targets the tool starts (e.g. switchboard), not {unmanaged}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):
         print(f"error: two targets share a label ({labels}); add label=... to one", file=sys.stderr)

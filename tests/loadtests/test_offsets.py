@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import orjson
 
 from loadtests.accounting import account_resume
+from loadtests.cli import main
 from loadtests.client import Worker, _Conn, message_text
 
 TAG = "t0"
@@ -122,3 +126,10 @@ def test_an_accepted_offset_nobody_received_and_an_unseen_message_from_a_live_so
     assert figures["offsets_nobody_received"] == 1
     assert figures["unaccounted"] == 1
     assert figures["silently_lost"] == 0  # unseen by all: counted above, not per receiver
+
+
+def test_resume_refuses_a_stack_it_did_not_start(tmp_path: Path, capsys: Any) -> None:
+    ca = tmp_path / "ca.crt"
+    ca.write_text("")
+    assert main(["resume", "--target", "https://localhost:1", "--ca", str(ca)]) == 2
+    assert "resume needs targets the tool starts" in capsys.readouterr().err
