@@ -82,6 +82,10 @@ class Receipts:
     foreign: int = 0
     #: a connection whose frames came from more than one server process (it should never move)
     moved: int = 0
+    #: room positions (servers that send ``offset``/``epoch``): ``frames`` with an offset,
+    #: ``gaps`` (a receiver's offset skipped ahead in the same epoch), ``skipped`` (offsets
+    #: those gaps jumped over), ``new_epochs`` (a receiver saw its room's history restart)
+    offsets: Counter = field(default_factory=Counter)
 
     def record(
         self,
@@ -129,6 +133,7 @@ class Receipts:
         self.errors.update(other.errors)
         self.foreign += other.foreign
         self.moved += other.moved
+        self.offsets.update(other.offsets)
 
 
 def percentile(ordered: Sequence[float], pct: float) -> float:
@@ -201,6 +206,10 @@ class PhaseAccount:
     foreign: int
     moved: int
     timeline: list[int]
+    offset_frames: int = 0
+    offset_gaps: int = 0
+    offsets_skipped: int = 0
+    new_epochs: int = 0
 
     @property
     def process_pairs(self) -> set[tuple[str, str]]:
@@ -272,6 +281,12 @@ class PhaseAccount:
             "server_errors": self.errors,
             "foreign_frames": self.foreign,
             "connections_that_moved": self.moved,
+            "offsets": {
+                "frames_with_offset": self.offset_frames,
+                "gaps": self.offset_gaps,
+                "offsets_skipped": self.offsets_skipped,
+                "new_epochs": self.new_epochs,
+            },
             "deliveries_per_bin": self.timeline,
             "bin_seconds": BIN_SECONDS,
         }
@@ -365,4 +380,121 @@ def account(
         foreign=receipts.foreign,
         moved=receipts.moved,
         timeline=list(timeline),
+        offset_frames=receipts.offsets["frames"],
+        offset_gaps=receipts.offsets["gaps"],
+        offsets_skipped=receipts.offsets["skipped"],
+        new_epochs=receipts.offsets["new_epochs"],
     )
+
+
+# -- resume: every accepted message delivered, recovered or reported lost ------------------------
+
+
+def _in_ranges(ranges: Iterable[tuple], epoch: str | None, offset: int | None) -> bool:
+    """Whether ``(epoch, offset)`` lies in one of ``(epoch, first, last)`` (``last`` ``None``:
+    open-ended)."""
+    return offset is not None and any(
+        e == epoch and first <= offset and (last is None or offset <= last)
+        for e, first, last in ranges
+    )
+
+
+def account_resume(
+    rooms: Mapping[int, int],
+    sent: Mapping[int, Iterable[int]],
+    phase_id: int,
+    deliveries: Mapping[int, Sequence[tuple]],
+    *,
+    reported_lost: Mapping[int, Sequence[tuple]],
+    gaps: Mapping[int, Sequence[tuple]],
+    killed: Iterable[int] = (),
+    not_resumed: Iterable[int] = (),
+) -> dict[str, Any]:
+    """Account a phase in which a server process was killed and its clients resumed.
+
+    ``rooms``: every member connection -> room; ``sent``: sender -> the sequence numbers it
+    wrote to its socket in phase ``phase_id``; ``deliveries``: receiver -> ``(phase, sender,
+    seq, epoch, offset, replayed)`` per chat message received (any phase: offsets of every
+    message fill the room's picture); ``reported_lost`` / ``gaps``: receiver -> ``(epoch,
+    first, last)`` offset ranges the server reported lost (``recovered: false``) or the client
+    saw skipped live; ``killed``: the connections of the killed process.
+
+    A message is *accepted* when some member received it (with history on, it then has an
+    offset; a server without history sends none, and nothing can be reported); the offsets a
+    room's members saw between its lowest and highest, none of them received, are accepted
+    messages nobody got. A message written to a socket of the killed process and received by
+    nobody never reached the server (in flight when it died); one from another socket is
+    counted as ``unaccounted``. Every member should get every accepted message of its room:
+    live, by a resume's replay, or else it is ``reported_lost`` (in a ``recovered: false``
+    range), ``gap_detected`` (the client saw the offset skip), ``not_resumed`` (its socket
+    never came back), or ``silently_lost``.
+    """
+    killed = set(killed)
+    not_resumed = set(not_resumed)
+    position: dict[tuple[int, int], tuple[str | None, int]] = {}
+    got: dict[int, dict[tuple[int, int], bool]] = {}  # receiver -> message -> replayed
+    duplicates = 0
+    room_offsets: dict[tuple[int, str | None], set[int]] = {}
+    for receiver, entries in deliveries.items():
+        mine = got.setdefault(receiver, {})
+        room = rooms.get(receiver)
+        for phase, sender, seq, epoch, offset, replayed in entries:
+            if offset is not None and room is not None:
+                room_offsets.setdefault((room, epoch), set()).add(offset)
+            if phase != phase_id:
+                continue
+            message = (sender, seq)
+            position.setdefault(message, (epoch, offset))
+            if message in mine:
+                duplicates += 1
+            else:
+                mine[message] = replayed
+    written = {(sender, seq) for sender, seqs in sent.items() for seq in seqs}
+    accepted = {m for m in written if m in position}
+    in_flight = {m for m in written - accepted if m[0] in killed}
+    unaccounted = written - accepted - in_flight
+    holes = 0
+    for offsets in room_offsets.values():
+        holes += max(offsets) - min(offsets) + 1 - len(offsets)
+    members: dict[int, list[int]] = {}
+    for conn, room in rooms.items():
+        members.setdefault(room, []).append(conn)
+    counts = Counter()
+    for sender, seq in sorted(accepted):
+        epoch, offset = position[(sender, seq)]
+        for receiver in members.get(rooms.get(sender, -1), ()):
+            replayed = got.get(receiver, {}).get((sender, seq))
+            if replayed is not None:
+                counts["delivered_by_replay" if replayed else "delivered_live"] += 1
+            elif _in_ranges(reported_lost.get(receiver, ()), epoch, offset):
+                counts["reported_lost"] += 1
+            elif _in_ranges(gaps.get(receiver, ()), epoch, offset):
+                counts["gap_detected"] += 1
+            elif receiver in not_resumed:
+                counts["not_resumed"] += 1
+            else:
+                counts["silently_lost"] += 1
+    misdelivered = sum(
+        1
+        for receiver, mine in got.items()
+        for sender, _ in mine
+        if rooms.get(receiver) != rooms.get(sender, -2)
+    )
+    expected = sum(len(members.get(rooms.get(s, -1), ())) for s, _ in accepted)
+    return {
+        "written": len(written),
+        "accepted": len(accepted),
+        "in_flight_to_killed_process": len(in_flight),
+        "unaccounted": len(unaccounted),
+        "offsets_nobody_received": holes,
+        "expected_deliveries": expected,
+        "delivered": counts["delivered_live"] + counts["delivered_by_replay"],
+        "delivered_live": counts["delivered_live"],
+        "recovered_by_replay": counts["delivered_by_replay"],
+        "reported_lost": counts["reported_lost"],
+        "gap_detected": counts["gap_detected"],
+        "not_resumed": counts["not_resumed"],
+        "silently_lost": counts["silently_lost"],
+        "duplicated": duplicates,
+        "misdelivered": misdelivered,
+    }

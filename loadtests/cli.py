@@ -6,6 +6,8 @@ Scenarios::
     knee         fanout stepped up until p99 > --p99-ms or anything is lost: the knee
     connections  ramp N idle websockets, hold, server RSS per connection, broadcast check
     bigroom      one room of M members (default 1,000) across every process
+    resume       fanout while one app worker is SIGKILLed: its clients resume with
+                 ?since=&epoch=; every accepted message delivered, recovered or reported lost
     compare      one of the above against two or more targets, interleaved, with ratios
     capacity     measure this hardware, then size a deployment for N connections and R
                  deliveries/s: pods, front-proxy cores, Redis shards (loadtests/capacity.py)
@@ -15,6 +17,9 @@ Examples::
     python -m loadtests fanout --target https://localhost:8443            # make start first
     python -m loadtests fanout --target switchboard                       # the tool starts one
     python -m loadtests compare knee --target switchboard --target tutorial --target nodjango
+    python -m loadtests compare knee --target switchboard \
+        --target switchboard:CHAT_HISTORY_SIZE=0,label=history-off     # what history costs
+    python -m loadtests resume --target switchboard                       # kill a worker
     python -m loadtests capacity --connections 1000000 --deliveries-per-second 500000
         (against the stack `make start` runs; --target switchboard starts one of its own)
 
@@ -37,7 +42,7 @@ from typing import Any
 
 from loadtests.scenarios import Options
 
-SCENARIOS = ("fanout", "knee", "connections", "bigroom")
+SCENARIOS = ("fanout", "knee", "connections", "bigroom", "resume")
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: capacity: the demand cannot be extrapolated to from what was measured.
 EXIT_CANNOT_EXTRAPOLATE = 6
@@ -66,6 +71,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
         "p99_ms": 100.0,
         "factor": 1.5,
     },
+    # 10 messages a second into each room for 10 s: a resume after the kill stays well within
+    # the room's history (CHAT_HISTORY_SIZE, 200 messages).
+    "resume": {"connections": 100, "room_size": 10, "rate": 1.0, "duration": 10.0},
 }
 
 
@@ -348,6 +356,14 @@ def run(
         ]
     except TargetError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    unmanaged = [t.label for t in targets if not t.managed]
+    if scenario == "resume" and unmanaged:
+        # It kills one of the target's worker processes: only a stack this tool started.
+        print(
+            f"error: resume needs targets the tool starts (e.g. switchboard), not {unmanaged}",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     labels = [t.label for t in targets]
     if len(set(labels)) != len(labels):

@@ -38,6 +38,10 @@ from loadtests.accounting import Receipts
 CONNECT_CONCURRENCY = 64
 #: A send loop yields to the event loop after this many sends, so receipts keep flowing.
 SEND_BATCH = 64
+#: Resume mode: attempts to reopen a connection the server dropped, and the longest pause
+#: between two (full jitter, doubling from 0.1 s), so a reconnect storm stays bounded.
+RESUME_ATTEMPTS = 12
+RESUME_MAX_DELAY_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,25 @@ class SendOutcome:
     failed: int
     lag_ms: array  # how late each send was against its schedule
     cpu_s: float
+    #: sender -> sequence numbers not sent (its socket was closed at the time)
+    skipped: dict[int, list[int]] = field(default_factory=dict)
+
+
+@dataclass
+class ResumeLog:
+    """Resume mode: what each connection saw, for :func:`loadtests.accounting.account_resume`.
+
+    ``deliveries``: connection -> ``(phase, sender, seq, epoch, offset, replayed)`` per chat
+    message received; ``resumes``: one dict per reconnect (``since``, ``recovered``,
+    ``replayed``, ...); ``reported_lost`` and ``gaps``: connection -> ``(epoch, first, last)``
+    offset ranges the server reported lost (``recovered: false``) or the client saw skipped.
+    """
+
+    deliveries: dict[int, list[tuple]] = field(default_factory=dict)
+    resumes: list[dict[str, Any]] = field(default_factory=list)
+    reported_lost: dict[int, list[tuple]] = field(default_factory=dict)
+    gaps: dict[int, list[tuple]] = field(default_factory=dict)
+    not_resumed: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -109,15 +132,35 @@ def parse_message(tag: str, text: str) -> tuple[int, int, int, int] | None:
 
 
 class _Conn:
-    __slots__ = ("close_code", "conn_id", "is_open", "process", "room", "transport")
+    __slots__ = (
+        "close_code",
+        "closing",
+        "conn_id",
+        "epoch",
+        "is_open",
+        "offset",
+        "process",
+        "replaying",
+        "resume",
+        "room",
+        "spec",
+        "transport",
+    )
 
-    def __init__(self, conn_id: int, room: int) -> None:
+    def __init__(self, conn_id: int, room: int, spec: ConnSpec | None = None) -> None:
         self.conn_id = conn_id
         self.room = room
+        self.spec = spec
         self.transport: Any = None
         self.is_open = False
         self.process: str | None = None
         self.close_code: int | None = None
+        #: the room position of the last chat message seen (frames with offsets)
+        self.epoch: str | None = None
+        self.offset = 0
+        self.closing = False  # closed by this tool: no resume
+        self.resume: dict[str, Any] | None = None  # the reconnect under way (resume mode)
+        self.replaying = False  # between a resume's handshake and its recovery frame
 
 
 class _Phase:
@@ -146,6 +189,12 @@ class Worker:
         #: them to the target that connection belongs to.
         self.errors: Counter = Counter()
         self.closed_by_server: dict[int, int] = {}
+        #: offset bookkeeping since the last collect: frames with an offset, gaps, new epochs
+        self.offsets: Counter = Counter()
+        #: resume mode (``track``): reconnect dropped sockets with ?since=&epoch=, log everything
+        self.resume_log: ResumeLog | None = None
+        self.resuming: set[int] = set()
+        self._tasks: set[asyncio.Task] = set()
         self._contexts: dict[str, ssl.SSLContext] = {}
         from orjson import loads
         from picows import WSMsgType
@@ -163,9 +212,16 @@ class Worker:
             self.foreign += 1
             return
         phase = self.phase
+        kind = frame.get("type")
+        if kind == "recovery":
+            self.on_recovery(conn, frame)
+            return
+        offset = frame.get("offset")
+        if offset is not None and kind == "chat.message":
+            self.track_offset(conn, frame.get("epoch"), offset)
         parsed = parse_message(self.tag, message) if type(message) is str else None
         if parsed is None:
-            if frame.get("type") == "error":
+            if kind == "error":
                 self.errors[(conn.conn_id, str(frame.get("code")))] += 1
             elif phase is not None:
                 phase.receipts.foreign += 1
@@ -173,6 +229,13 @@ class Worker:
                 self.foreign += 1
             return
         phase_id, sender, seq, sent_ns = parsed
+        log = self.resume_log
+        if log is not None:
+            log.deliveries.setdefault(conn.conn_id, []).append(
+                (phase_id, sender, seq, frame.get("epoch"), offset, conn.replaying)
+            )
+            if conn.replaying and conn.resume is not None:
+                conn.resume["replayed"] += 1
         delivered_by = frame.get("delivered_by")
         if delivered_by is not None:
             if conn.process is None:
@@ -196,6 +259,48 @@ class Worker:
             delivered_by,
         )
 
+    def track_offset(self, conn: _Conn, epoch: str | None, offset: int) -> None:
+        """A chat message at ``offset`` of ``epoch`` in ``conn``'s room: one that skips ahead of
+        the last offset this connection saw in the same epoch is a gap (messages it will never
+        get live); a new epoch means the room's history was lost, and is counted as such."""
+        counts = self.offsets
+        counts["frames"] += 1
+        if epoch != conn.epoch:
+            if conn.epoch is not None:
+                counts["new_epochs"] += 1
+            conn.epoch, conn.offset = epoch, offset
+            return
+        if offset > conn.offset + 1:
+            counts["gaps"] += 1
+            counts["skipped"] += offset - conn.offset - 1
+            if self.resume_log is not None:
+                self.resume_log.gaps.setdefault(conn.conn_id, []).append(
+                    (epoch, conn.offset + 1, offset - 1)
+                )
+        if offset > conn.offset:
+            conn.offset = offset
+
+    def on_recovery(self, conn: _Conn, frame: dict[str, Any]) -> None:
+        """The end of a replay: with ``recovered: false`` whatever followed ``since`` is
+        reported lost, and the connection goes on from the room's current position."""
+        conn.replaying = False
+        resume, conn.resume = conn.resume, None
+        epoch, offset = frame.get("epoch") or None, int(frame.get("offset") or 0)
+        recovered = bool(frame.get("recovered"))
+        if resume is not None and self.resume_log is not None:
+            resume.update(recovered=recovered, epoch=epoch, offset=offset)
+            self.resume_log.resumes.append(resume)
+            if not recovered:
+                lost = self.resume_log.reported_lost.setdefault(conn.conn_id, [])
+                if resume["epoch_asked"] is not None:
+                    lost.append((resume["epoch_asked"], resume["since"] + 1, None))
+                if epoch is not None:
+                    lost.append((epoch, 1, offset))
+        if not recovered:
+            if conn.epoch is not None and epoch != conn.epoch:
+                self.offsets["new_epochs"] += 1
+            conn.epoch, conn.offset = epoch, offset
+
     # -- commands ------------------------------------------------------------------------------
     def _context(self, ca_file: str) -> ssl.SSLContext:
         context = self._contexts.get(ca_file)
@@ -204,10 +309,19 @@ class Worker:
         return context
 
     async def _connect_one(self, spec: ConnSpec) -> ConnectOutcome:
+        conn = _Conn(spec.conn_id, spec.room, spec)
+        outcome = await self._open(conn, spec.path)
+        if outcome.ok:
+            self.conns[spec.conn_id] = conn
+        return outcome
+
+    async def _open(self, conn: _Conn, path: str) -> ConnectOutcome:
+        """Open ``conn``'s websocket at ``path`` (its first connection, or a resume)."""
         from picows import WSHandshakeError, WSListener, WSMsgType, ws_connect
 
         worker = self
-        conn = _Conn(spec.conn_id, spec.room)
+        spec = conn.spec
+        assert spec is not None
 
         class Listener(WSListener):  # type: ignore[misc]
             def on_ws_frame(self, transport: Any, frame: Any) -> None:
@@ -221,7 +335,9 @@ class Worker:
                     transport.disconnect()
 
             def on_ws_disconnected(self, transport: Any) -> None:
-                conn.is_open = False
+                if conn.transport is transport:
+                    conn.is_open = False
+                    worker.on_disconnected(conn)
 
         endpoint = spec.endpoint
         loop = asyncio.get_running_loop()
@@ -244,7 +360,7 @@ class Worker:
         try:
             transport, _ = await ws_connect(
                 Listener,
-                endpoint.url(spec.path),
+                endpoint.url(path),
                 ssl_context=self._context(endpoint.ca_file),
                 extra_headers={"Origin": endpoint.origin},
                 socket_factory=make_socket,
@@ -262,8 +378,68 @@ class Worker:
             return ConnectOutcome(spec.conn_id, False, (time.perf_counter() - started) * 1e3, error)
         conn.transport = transport
         conn.is_open = True
-        self.conns[spec.conn_id] = conn
         return ConnectOutcome(spec.conn_id, True, (time.perf_counter() - started) * 1e3)
+
+    def on_disconnected(self, conn: _Conn) -> None:
+        """Resume mode: a socket the server (or its dying worker) dropped is reopened."""
+        if self.resume_log is None or conn.closing or conn.conn_id in self.resuming:
+            return
+        self.resuming.add(conn.conn_id)
+        task = asyncio.get_running_loop().create_task(self._resume(conn))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _resume(self, conn: _Conn) -> None:
+        """Reconnect with ``?since=<last offset>&epoch=<epoch>`` (bounded attempts, jittered
+        backoff); the replay and the recovery frame then arrive through :meth:`on_text`."""
+        import random
+
+        assert self.resume_log is not None and conn.spec is not None
+        dropped = time.monotonic()
+        try:
+            for attempt in range(RESUME_ATTEMPTS):
+                await asyncio.sleep(random.uniform(0, min(RESUME_MAX_DELAY_S, 0.1 * 2**attempt)))
+                if conn.closing:
+                    return
+                since, epoch = conn.offset, conn.epoch
+                path = conn.spec.path
+                if epoch is not None:
+                    path += f"?since={since}&epoch={epoch}"
+                # The replay and its recovery frame may arrive before ``_open`` returns: the
+                # record is shared, and completed by :meth:`on_recovery`.
+                record: dict[str, Any] = {
+                    "conn": conn.conn_id,
+                    "since": since,
+                    "epoch_asked": epoch,
+                    "attempts": attempt + 1,
+                    "replayed": 0,
+                    "down_s": None,
+                }
+                conn.resume = record
+                conn.replaying = epoch is not None
+                conn.close_code = None
+                outcome = await self._open(conn, path)
+                if outcome.ok:
+                    record["down_s"] = time.monotonic() - dropped
+                    if epoch is None:  # nothing to resume from: a plain reconnect
+                        record.update(recovered=None, epoch=None, offset=None)
+                        self.resume_log.resumes.append(record)
+                        conn.resume, conn.replaying = None, False
+                    return
+                conn.resume, conn.replaying = None, False
+            self.resume_log.not_resumed.append(conn.conn_id)
+        finally:
+            self.resuming.discard(conn.conn_id)
+
+    def track(self, enabled: bool) -> None:
+        """Resume mode on or off (see :class:`ResumeLog`)."""
+        self.resume_log = ResumeLog() if enabled else None
+
+    def take_log(self) -> ResumeLog | None:
+        log = self.resume_log
+        if log is not None:
+            self.resume_log = ResumeLog()
+        return log
 
     async def connect(self, specs: Sequence[ConnSpec]) -> list[ConnectOutcome]:
         limit = asyncio.Semaphore(CONNECT_CONCURRENCY)
@@ -288,6 +464,7 @@ class Worker:
         self.phase = _Phase(phase_id, t0_ns)
         cpu0 = time.process_time()
         sent = dict.fromkeys(senders, 0)
+        skipped: dict[int, list[int]] = {}
         lag = array("f")
         failed = 0
         conns = [self.conns.get(s) for s in senders]
@@ -312,6 +489,8 @@ class Worker:
                 batch += 1
                 if conn is None or not conn.is_open:
                     failed += 1
+                    if conn is not None:
+                        skipped.setdefault(conn.conn_id, []).append(seq)
                     continue
                 sent_ns = time.monotonic_ns()
                 lag.append((sent_ns - (t0_ns + (j - 1) * step_ns)) / 1e6)
@@ -323,7 +502,7 @@ class Worker:
                     continue
                 sent[conn.conn_id] = seq + 1
             await asyncio.sleep(0)
-        return SendOutcome(sent, failed, lag, time.process_time() - cpu0)
+        return SendOutcome(sent, failed, lag, time.process_time() - cpu0, skipped)
 
     async def collect(self, expected: int, quiet_s: float, max_s: float) -> CollectOutcome:
         """Wait until ``expected`` frames of the current phase arrived, nothing arrived for
@@ -332,15 +511,18 @@ class Worker:
         assert phase is not None, "collect without a phase"
         cpu0 = time.process_time()
         deadline = time.monotonic() + max_s
-        while phase.frames < expected:
+        # Resumes under way are waited for (bounded by ``max_s``): their replays belong here.
+        while phase.frames < expected or self.resuming:
             now = time.monotonic()
-            if now >= deadline or now - phase.last_frame >= quiet_s:
+            if now >= deadline or (now - phase.last_frame >= quiet_s and not self.resuming):
                 break
             await asyncio.sleep(0.02)
         self.phase = None
         late, self.late = self.late, 0
         phase.receipts.foreign += self.foreign
         self.foreign = 0
+        phase.receipts.offsets.update(self.offsets)
+        self.offsets = Counter()
         errors, self.errors = dict(self.errors), Counter()
         closed, self.closed_by_server = self.closed_by_server, {}
         return CollectOutcome(phase.receipts, time.process_time() - cpu0, late, closed, errors)
@@ -352,6 +534,7 @@ class Worker:
         ids = list(self.conns) if conn_ids is None else [i for i in conn_ids if i in self.conns]
         for conn_id in ids:
             conn = self.conns.pop(conn_id)
+            conn.closing = True
             if conn.is_open:
                 with contextlib.suppress(Exception):
                     conn.transport.send_close(1000)
@@ -377,6 +560,8 @@ class Worker:
             "placement": self.placement,
             "close": self.close,
             "status": self.status,
+            "track": self.track,
+            "log": self.take_log,
         }
         while True:
             command, args = await loop.run_in_executor(None, self.pipe.recv)

@@ -145,11 +145,56 @@ def render(outcome: Outcome, options: Any) -> str:
                 )
             else:
                 out.append("KNEE: no step passed")
-        failed = [p for p in run.phases if not p.passed]
-        for p in failed[:5]:
-            out.append(f"  {p.label}: " + "; ".join(p.reasons))
+        out.extend(_offsets_section(run))
+        if "resume" in run.extra:
+            out.extend(_resume_section(run.extra["resume"]))
+        else:
+            failed = [p for p in run.phases if not p.passed]
+            for p in failed[:5]:
+                out.append(f"  {p.label}: " + "; ".join(p.reasons))
         out.extend(_pairs_section(run))
     return "\n".join(out)
+
+
+def _offsets_section(run: TargetRun) -> list[str]:
+    """Gaps the receivers found by themselves, from the rooms' offsets."""
+    phases = run.warmups + run.phases
+    frames = sum(p.account.offset_frames for p in phases)
+    if not frames:
+        if any(p.account.received for p in phases):
+            return ["OFFSET GAPS: not checked (the target's frames carry no offset)"]
+        return []
+    gaps = sum(p.account.offset_gaps for p in phases)
+    skipped = sum(p.account.offsets_skipped for p in phases)
+    epochs = sum(p.account.new_epochs for p in phases)
+    return [
+        f"OFFSET GAPS: {gaps:,} found in {frames:,} frames with offsets"
+        + (f" ({skipped:,} offsets skipped)" if gaps else "")
+        + f"; {epochs:,} new epochs seen"
+    ]
+
+
+def _resume_section(r: dict[str, Any]) -> list[str]:
+    return [
+        "",
+        f"RESUME: worker {r['killed_process']} "
+        + ("SIGKILLed" if r["killed"] else "NOT killed")
+        + f" holding {r['connections_of_killed_process']} connections; "
+        f"{r['resumes_of_killed_process_clients']} of them resumed "
+        f"({r['resumes']} resumes in all: {r['recovered_true']} recovered, "
+        f"{r['recovered_false']} recovered: false, {r['replayed_by_resumes']:,} messages "
+        f"replayed; longest reconnect {_f(r['reconnect_s_max'], 2)} s; "
+        f"{r['not_resumed_connections']} not resumed)",
+        f"messages: {r['written']:,} written, {r['accepted']:,} accepted (a member got it), "
+        f"{r['in_flight_to_killed_process']:,} in flight to the killed worker (never accepted), "
+        f"{r['unaccounted']:,} unaccounted, {r['refused_unavailable']:,} refused (unavailable)",
+        f"deliveries of accepted messages: {r['delivered']:,} of {r['expected_deliveries']:,} "
+        f"({r['delivered_live']:,} live, {r['recovered_by_replay']:,} recovered by resume); "
+        f"reported lost {r['reported_lost']:,}; offset gaps {r['gap_detected']:,}; "
+        f"not resumed {r['not_resumed']:,}; SILENTLY LOST {r['silently_lost']:,}; "
+        f"duplicated {r['duplicated']:,}; accepted offsets nobody received "
+        f"{r['offsets_nobody_received']:,}",
+    ]
 
 
 def _pairs_section(run: TargetRun) -> list[str]:

@@ -9,18 +9,26 @@ exit status:
 * 4 -- no cross-process pair was observed on a target that reports ``delivered_by`` (or a
   started stack with several processes delivered everything from one);
 * 5 -- ``bigroom`` (or ``fanout`` with ``--p99-ms``) missed its latency limit.
+
+``resume`` fails with 1 when a message the server accepted was lost without the client being
+told (silently), came twice, or when the killed worker's clients did not resume.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import signal
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from loadtests import procstat
+from loadtests.accounting import account_resume
+from loadtests.client import ResumeLog
 from loadtests.scenarios import (
+    PHASE_LEAD_S,
     FixedSteps,
     KneeSteps,
     Options,
@@ -30,6 +38,7 @@ from loadtests.scenarios import (
     knee_of,
     round_robin,
 )
+from loadtests.targets import TargetError
 
 EXIT_OK = 0
 EXIT_LOSS = 1
@@ -167,10 +176,145 @@ def connections(session: Session, runs: Sequence[TargetRun]) -> None:
         session.close(run)
 
 
-DRIVERS = {"fanout": fanout, "knee": knee, "bigroom": bigroom, "connections": connections}
+#: resume: the worker is killed this far into the sending window.
+KILL_AT = 0.4
+
+
+def _victim(run: TargetRun) -> tuple[int, str, set[int]]:
+    """The target's app worker process holding the most of ``run``'s connections: its pid, its
+    process id as frames report it, and those connections. Only a pid among the target's own
+    worker processes is ever chosen."""
+    workers = set(run.target.pids()["app"])
+    holding: dict[str, set[int]] = {}
+    for conn, process in run.placement.items():
+        if process is not None:
+            holding.setdefault(process, set()).add(conn)
+    for process, conns in sorted(holding.items(), key=lambda kv: -len(kv[1])):
+        pid = process.rsplit(":", 1)[-1]
+        if pid.isdigit() and int(pid) in workers:
+            return int(pid), process, conns
+    raise TargetError(
+        f"{run.target.label}: none of the processes holding connections ({sorted(holding)}) is a "
+        f"known worker process of the target ({sorted(workers)}): resume needs a started "
+        "switchboard target"
+    )
+
+
+def resume(session: Session, runs: Sequence[TargetRun]) -> None:
+    """Send, SIGKILL the app worker that holds the most connections mid-phase, let its clients
+    reconnect with ``?since=&epoch=``, and account every accepted message: delivered live,
+    recovered by the replay, reported lost (``recovered: false``), or silently lost."""
+    o = session.options
+    pool = session.pool
+    for run in runs:
+        session.populate(run, o.connections, o.room_size, o.senders)
+        session.refresh_placement(run)
+        pid, process, conns = _victim(run)
+        pool.broadcast("track", True)
+        rooms = dict(run.rooms)
+        count = max(1, round(o.rate * o.duration))
+        kill_at = time.monotonic() + PHASE_LEAD_S + o.duration * KILL_AT
+        killed: dict[str, float] = {}
+
+        def kill(pid: int = pid, at: float = kill_at, killed: dict[str, float] = killed) -> None:
+            if not killed and time.monotonic() >= at:
+                os.kill(pid, signal.SIGKILL)
+                killed["at"] = time.monotonic()
+
+        result = session.phase(
+            run,
+            rate=o.rate,
+            count=count,
+            senders=sorted(run.senders),
+            label=f"{o.rate:g} msg/s per sender, worker {process} killed",
+            during=kill,
+        )
+        run.phases.append(result)
+        log = ResumeLog()
+        for part in pool.broadcast("log"):
+            log.deliveries.update(part.deliveries)
+            log.resumes.extend(part.resumes)
+            log.reported_lost.update(part.reported_lost)
+            log.gaps.update(part.gaps)
+            log.not_resumed.extend(part.not_resumed)
+        pool.broadcast("track", False)
+        sent = {
+            sender: set(range(account.sent)) - set(result.skipped.get(sender, ()))
+            for sender, account in result.account.per_sender.items()
+        }
+        figures = account_resume(
+            rooms,
+            sent,
+            result.phase_id,
+            log.deliveries,
+            reported_lost=log.reported_lost,
+            gaps=log.gaps,
+            killed=conns,
+            not_resumed=log.not_resumed,
+        )
+        resumed = [r for r in log.resumes if r["conn"] in conns]
+        figures.update(
+            killed_process=process,
+            killed=bool(killed),
+            connections_of_killed_process=len(conns),
+            resumes=len(log.resumes),
+            resumes_of_killed_process_clients=len({r["conn"] for r in resumed}),
+            recovered_true=sum(1 for r in log.resumes if r["recovered"] is True),
+            recovered_false=sum(1 for r in log.resumes if r["recovered"] is False),
+            replayed_by_resumes=sum(r["replayed"] for r in log.resumes),
+            not_resumed_connections=len(log.not_resumed),
+            reconnect_s_max=max(
+                (r["down_s"] for r in log.resumes if r["down_s"] is not None), default=None
+            ),
+            refused_unavailable=result.account.errors.get("unavailable", 0),
+        )
+        run.extra["resume"] = figures
+        # The phase is judged by what was accepted, not by what the senders wrote (a killed
+        # worker's sockets drop what was in flight); the killed worker's CPU cannot be read.
+        result.reasons = _resume_reasons(figures)
+        result.passed = not result.reasons
+        result.server_cpu_s.pop("app", None)
+
+
+DRIVERS = {
+    "fanout": fanout,
+    "knee": knee,
+    "bigroom": bigroom,
+    "connections": connections,
+    "resume": resume,
+}
 
 
 # -- verdict -------------------------------------------------------------------------------------
+
+
+def _resume_failures(run: TargetRun) -> list[Failure]:
+    r = run.extra.get("resume")
+    label = run.target.label
+    if r is None:
+        return [Failure(label, EXIT_LOSS, "the resume phase did not run")]
+    reasons = _resume_reasons(r)
+    return [Failure(label, EXIT_LOSS, "; ".join(reasons))] if reasons else []
+
+
+def _resume_reasons(r: dict[str, Any]) -> list[str]:
+    reasons = [
+        f"{r[key]} {text}"
+        for key, text in (
+            ("silently_lost", "deliveries silently lost"),
+            ("offsets_nobody_received", "accepted offsets no member received"),
+            ("unaccounted", "messages from sockets of live processes nobody received"),
+            ("duplicated", "duplicated"),
+            ("misdelivered", "misdelivered"),
+            ("not_resumed_connections", "connections not resumed"),
+        )
+        if r[key]
+    ]
+    if not r["killed"]:
+        reasons.append("the worker was not killed")
+    elif not r["resumes_of_killed_process_clients"]:
+        reasons.append("no client of the killed worker resumed")
+    return reasons
 
 
 def verdict(
@@ -196,6 +340,9 @@ def verdict(
             )
         phases = run.warmups + run.phases
         judged = run.warmups if scenario == "knee" and not fail_on_loss else phases
+        if scenario == "resume":  # the killed worker's sockets: judged by account_resume
+            judged = run.warmups
+            failures.extend(_resume_failures(run))
         for p in judged:
             reasons = [r for r in p.reasons if not r.startswith("p99 ")]
             if reasons:

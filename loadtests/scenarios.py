@@ -80,6 +80,9 @@ class PhaseResult:
     closed_by_server: dict[int, int]
     passed: bool = True
     reasons: list[str] = field(default_factory=list)
+    phase_id: int = 0
+    #: sender -> sequence numbers it did not send (its socket was closed at the time)
+    skipped: dict[int, list[int]] = field(default_factory=dict)
 
     @property
     def app_cpu_us_per_delivery(self) -> float:
@@ -294,8 +297,10 @@ class Session:
         count: int,
         senders: Sequence[int],
         label: str,
+        during: Callable[[], None] | None = None,
     ) -> PhaseResult:
-        """Run one phase on ``run`` and account it (see the module docstring)."""
+        """Run one phase on ``run`` and account it (see the module docstring); ``during`` is
+        called a few times a second while the messages are being sent."""
         options = self.options
         self.refresh_placement(run)
         rooms = dict(run.rooms)
@@ -316,14 +321,21 @@ class Session:
             duration + PHASE_LEAD_S,
             f"{len(senders)} senders x {rate:g}/s, {len(rooms)} connections",
         )
+
+        def tick() -> None:
+            self.progress.tick()
+            if during is not None:
+                during()
+
         sends: list[SendOutcome] = self.pool.call(
-            [("send", (phase_id, t0_ns, rate, count, w, pad)) for w in by_worker],
-            tick=self.progress.tick,
+            [("send", (phase_id, t0_ns, rate, count, w, pad)) for w in by_worker], tick=tick
         )
         sent: dict[int, int] = {}
+        skipped: dict[int, list[int]] = {}
         lag: list[float] = []
         for outcome in sends:
             sent.update(outcome.sent)
+            skipped.update(outcome.skipped)
             lag.extend(outcome.lag_ms)
         # What each client process should receive: for each of its connections, every message
         # sent into that connection's room.
@@ -372,6 +384,8 @@ class Session:
             wall_s=wall,
             late=late,
             closed_by_server=dict(closed),
+            phase_id=phase_id,
+            skipped=skipped,
         )
         self._judge(result)
         self.progress.done(self.describe(result))
@@ -386,6 +400,8 @@ class Session:
             reasons.append(f"{acct.duplicated} duplicated")
         if acct.misdelivered:
             reasons.append(f"{acct.misdelivered} misdelivered")
+        if acct.offset_gaps:
+            reasons.append(f"{acct.offset_gaps} offset gaps ({acct.offsets_skipped} skipped)")
         if acct.errors:
             reasons.append(f"server errors {acct.errors}")
         if result.closed_by_server:
