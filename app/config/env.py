@@ -10,7 +10,7 @@ documentation cannot drift from the code.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from django.core.exceptions import ImproperlyConfigured
@@ -404,23 +404,33 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-README_START = "<!-- settings-table:start -->"
-README_END = "<!-- settings-table:end -->"
+def splice_table(readme: str, name: str, table: str) -> str:
+    """``readme`` with ``table`` between its ``<!-- <name>-table:start/end -->`` markers (the
+    generated tables: settings here, metrics in ``observability.metrics``)."""
+    start, end = f"<!-- {name}-table:start -->", f"<!-- {name}-table:end -->"
+    head, rest = readme.split(start, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{start}\n{table}\n{end}{tail}"
 
 
 def with_table(readme: str) -> str:
-    """``readme`` with the generated table between its settings-table markers."""
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
+    """``readme`` with the generated settings table."""
+    return splice_table(readme, "settings", markdown_table())
+
+
+def write_readme_table(argv: list[str], splice: Callable[[str], str], table: str) -> None:
+    """``python -m <module> --write-readme README.md`` rewrites the table; without arguments it
+    prints it."""
+    from pathlib import Path
+
+    if argv[1:2] == ["--write-readme"]:
+        readme = Path(argv[2])
+        readme.write_text(splice(readme.read_text()))
+    else:
+        print(table)
 
 
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
-    if sys.argv[1:2] == ["--write-readme"]:
-        readme = Path(sys.argv[2])
-        readme.write_text(with_table(readme.read_text()))
-    else:
-        print(markdown_table())
+    write_readme_table(sys.argv, with_table, markdown_table())

@@ -432,23 +432,12 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
-README_START = "<!-- metrics-table:start -->"
-README_END = "<!-- metrics-table:end -->"
-
-
 def with_table(readme: str) -> str:
-    """``readme`` with the generated table between its metrics-table markers."""
-    head, rest = readme.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
+    """``readme`` with the generated metrics table between its metrics-table markers."""
+    return env.splice_table(readme, "metrics", markdown_table())
 
 
 if __name__ == "__main__":
     import sys
-    from pathlib import Path
 
-    if sys.argv[1:2] == ["--write-readme"]:
-        readme = Path(sys.argv[2])
-        readme.write_text(with_table(readme.read_text()))
-    else:
-        print(markdown_table())
+    env.write_readme_table(sys.argv, with_table, markdown_table())
