@@ -41,6 +41,10 @@ REPLAY_DEDUP_SECONDS = 30.0
 
 
 class NotificationConsumer(GroupMemberConsumer):
+    #: Ids a replay sent, whose live push is dropped if it arrives (see REPLAY_DEDUP_SECONDS).
+    #: Empty and shared until a socket replays: most never do, and sockets are many.
+    replayed: set[int] | frozenset[int] = frozenset()
+
     async def connect(self) -> None:
         user = self.scope.get("user")
         if user is None or not user.is_authenticated:
@@ -49,7 +53,6 @@ class NotificationConsumer(GroupMemberConsumer):
             )
             return
         self.user_id = user.pk
-        self.replayed: set[int] = set()
         session = self.scope.get("session")
         self.session_key = session.session_key if session is not None else None
         await self.join(user_group(user.pk))
@@ -63,6 +66,7 @@ class NotificationConsumer(GroupMemberConsumer):
             since = int(query["since"][0])
         except (KeyError, ValueError):
             return
+        self.replayed = set()
         budget = settings.NOTIFICATIONS_REPLAY_MAX
         while budget > 0:
             page = await _stored_after(self.user_id, since, min(REPLAY_PAGE, budget))

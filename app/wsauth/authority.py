@@ -70,14 +70,10 @@ def revoke_user(user_pk: object, reason: str) -> None:
 class SocketAuthority:
     """Mixin for AsyncWebsocketConsumer subclasses: see the module docstring."""
 
-    _accepted = False
+    _accepted = False  # set by GroupMemberConsumer.accept(), the one consumer this mixes into
     _closing = False
     _token_clock: asyncio.Task | None = None
     _refreshed: asyncio.Event | None = None
-
-    async def accept(self, subprotocol: str | None = None, headers: Any = None) -> None:
-        self._accepted = True
-        await super().accept(subprotocol, headers)  # type: ignore[misc]
 
     async def close(self, code: int | bool | None = None, reason: str | None = None) -> None:
         self._closing = True
