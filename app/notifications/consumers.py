@@ -53,8 +53,6 @@ class NotificationConsumer(GroupMemberConsumer):
             )
             return
         self.user_id = user.pk
-        session = self.scope.get("session")
-        self.session_key = session.session_key if session is not None else None
         await self.join(user_group(user.pk))
         await self.accept()
         logger.info("connect %s notifications user=%s", self.client, user.pk)
@@ -113,12 +111,6 @@ class NotificationConsumer(GroupMemberConsumer):
         frame = {key: value for key, value in event.items() if key != "type"}
         frame.update(type="notification", delivered_by=process_id())
         await self.send(text_data=jsonframes.dumps(frame))
-
-    async def session_ended(self, event: dict[str, Any]) -> None:
-        if event.get("session_key") == (self.session_key or ""):
-            logger.info("logout closes %s notifications user=%s", self.client, self.user_id)
-            await self.send_error("logged_out", "The session ended.")
-            await self.close(code=CLOSE_AUTH_REQUIRED)
 
 
 @database_sync_to_async

@@ -50,10 +50,3 @@ def notify_user(
         ),
     )
     return event_id
-
-
-def end_session(user_id: int, session_key: str | None) -> None:
-    """Close the user's sockets that authenticated with ``session_key`` (logout)."""
-    async_to_sync(get_channel_layer().group_send)(
-        user_group(user_id), {"type": "session.ended", "session_key": session_key or ""}
-    )

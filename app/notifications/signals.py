@@ -3,13 +3,12 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from django.contrib.auth.signals import user_logged_out
 from django.db import transaction
 from django.db.models.signals import post_save
 from django.dispatch import receiver
 
 from notifications.models import Notification
-from notifications.publish import PUSH_ERRORS, end_session, notify_user
+from notifications.publish import PUSH_ERRORS, notify_user
 
 logger = logging.getLogger("notifications")
 
@@ -40,13 +39,3 @@ def push_new_notification(sender: type, instance: Notification, created: bool, *
     # fetching /notifications/ must find it. robust: whatever else goes wrong in the push, the
     # commit (and the request that made it) has succeeded; the error is logged.
     transaction.on_commit(push, robust=True)
-
-
-@receiver(user_logged_out)
-def close_sockets_on_logout(sender: type, request: Any, user: Any, **_: Any) -> None:
-    if user is None:
-        return
-    try:
-        end_session(user.pk, request.session.session_key)
-    except Exception:  # Redis down must not break logout; the session is gone regardless.
-        logger.warning("could not close the sockets of user %s on logout", user.pk, exc_info=True)

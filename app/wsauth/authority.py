@@ -10,12 +10,16 @@ of a logged-in user is open it
   the client gets ``{"type": "token_expiring", "expires_in": s}``, and a
   ``{"type": "refresh", "token": "<new token>"}`` frame moves the deadline (answered
   ``{"type": "token_refreshed", "expires_in": s}``);
-* with a session cookie, is closed when the session ends (expired, logged out, deleted): each
-  worker checks the sessions of its sockets every ``WS_SESSION_RECHECK`` seconds, in one query.
+* with a session cookie, is closed at once when that session logs out: :func:`revoke_session`
+  (called on ``user_logged_out``) reaches every socket of the user, on every replica, and those
+  that authenticated with that session close; a session that ends otherwise (expired, deleted)
+  is found by each worker's check of its sockets' sessions every ``WS_SESSION_RECHECK``
+  seconds, in one query.
 
 Whatever ends it, the client gets ``{"type": "error", "code": "auth_ended", "reason": ...}``
-and close code 4401. A token limited to ``rooms`` is refused (``room_not_allowed``, 4403) on
-any other room and on endpoints that are not rooms.
+and close code 4401; a logout sends ``{"type": "error", "code": "logged_out", ...}`` instead
+(what notification sockets have always got) and the same 4401. A token limited to ``rooms``
+is refused (``room_not_allowed``, 4403) on any other room and on endpoints that are not rooms.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from django.contrib.auth import get_user_model
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
+from observability import metrics
 from realtime import jsonframes
 from wsauth import tokens
 
@@ -48,6 +53,7 @@ CLOSE_TRY_AGAIN_LATER = 1013
 ENDED_DETAIL = {
     "token_expired": "The connection token expired; get a new one and reconnect.",
     "session_ended": "The session ended (logged out or expired); log in again.",
+    "logged_out": "The session ended: you logged out.",
     "deactivated": "The account was deactivated.",
     "password_changed": "The password changed; authenticate again.",
     "deleted": "The account was deleted.",
@@ -64,6 +70,14 @@ def revoke_user(user_pk: object, reason: str) -> None:
     """Close every open socket of the user, on every replica (synchronous code: signals)."""
     async_to_sync(get_channel_layer().group_send)(
         auth_group(user_pk), {"type": "auth.revoked", "reason": reason}
+    )
+
+
+def revoke_session(user_pk: object, session_key: str) -> None:
+    """Close the user's open sockets that authenticated with ``session_key`` -- chat and
+    notifications, on every replica -- and no other (synchronous code: the logout signal)."""
+    async_to_sync(get_channel_layer().group_send)(
+        auth_group(user_pk), {"type": "auth.logged_out", "session_key": session_key}
     )
 
 
@@ -130,7 +144,8 @@ class SocketAuthority:
         if self._token_clock is not None:
             self._token_clock.cancel()
 
-    async def end_authority(self, reason: str) -> None:
+    async def end_authority(self, reason: str, code: str = "auth_ended") -> None:
+        """Send the error frame ``code`` (with ``reason``) and close with 4401, once."""
         if self._closing:
             return
         self._closing = True  # once: a revocation may race the token clock
@@ -142,16 +157,22 @@ class SocketAuthority:
         )
         frame = {
             "type": "error",
-            "code": "auth_ended",
+            "code": code,
             "reason": reason,
             "detail": ENDED_DETAIL.get(reason, "Authentication ended."),
         }
+        metrics.error_frame_sent(code)
         with contextlib.suppress(Exception):  # the peer may be gone already
             await self.send(text_data=jsonframes.dumps(frame))  # type: ignore[attr-defined]
             await super().close(CLOSE_AUTH)  # type: ignore[misc]
 
     async def auth_revoked(self, event: dict[str, Any]) -> None:
         await self.end_authority(str(event.get("reason", "revoked")))
+
+    async def auth_logged_out(self, event: dict[str, Any]) -> None:
+        key = sessions.key_of(self)  # only session sockets, once they are watched
+        if key is not None and key == event.get("session_key"):
+            await self.end_authority("logged_out", code="logged_out")
 
     # -- tokens ----------------------------------------------------------------------------------
     async def _run_token_clock(self) -> None:
@@ -266,6 +287,10 @@ class SessionWatch:
 
     def forget(self, consumer: SocketAuthority) -> None:
         self._sockets.pop(consumer, None)
+
+    def key_of(self, consumer: SocketAuthority) -> str | None:
+        """The session key ``consumer`` authenticated with, if it is a watched session socket."""
+        return self._sockets.get(consumer)
 
     async def _check_forever(self) -> None:
         while self._sockets:

@@ -1,9 +1,11 @@
 """When a user's authority ends, their open sockets close (``authority.revoke_user``).
 
-A deactivation (``is_active`` turned off), a password change and a deletion each close every
-socket of that user, on every replica, once the change is committed. Saves that touch neither
-field (``last_login`` on each login) cost nothing; any other save of a user costs one query to
-compare with the stored row.
+A logout closes, at once, every socket that authenticated with that session -- chat and
+notifications, on every replica (``authority.revoke_session``); the user's other sessions and
+tokens keep theirs. A deactivation (``is_active`` turned off), a password change and a deletion
+each close every socket of that user, on every replica, once the change is committed. Saves
+that touch neither field (``last_login`` on each login) cost nothing; any other save of a user
+costs one query to compare with the stored row.
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import logging
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth.signals import user_logged_out
 from django.db import transaction
 from django.db.models.signals import post_delete, post_save, pre_save
 from django.dispatch import receiver
 
-from wsauth.authority import revoke_user
+from wsauth.authority import revoke_session, revoke_user
 
 logger = logging.getLogger("switchboard.ws")
 
@@ -62,3 +65,15 @@ def revoke_on_authority_change(sender: Any, instance: Any, raw: bool = False, **
 @receiver(post_delete, sender=settings.AUTH_USER_MODEL)
 def revoke_on_delete(sender: Any, instance: Any, **_: Any) -> None:
     _revoke_after_commit(instance.pk, "deleted")
+
+
+@receiver(user_logged_out)
+def revoke_on_logout(sender: Any, request: Any, user: Any, **_: Any) -> None:
+    # Sent before the session is flushed: its key still names the sockets it opened.
+    key = getattr(getattr(request, "session", None), "session_key", None)
+    if user is None or not key:
+        return
+    try:
+        revoke_session(user.pk, key)
+    except Exception:  # Redis down must not break logout; the session check closes them later
+        logger.warning("could not close the sockets of user %s on logout", user.pk)

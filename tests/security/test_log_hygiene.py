@@ -121,7 +121,7 @@ async def test_logs_have_the_events_and_none_of_the_secrets(limits_stack: Runnin
         "refused frame": "refused frame: invalid_utf8",
         "rate limit hit": "rate limited 127.0.0.1:",
         "flood closed": "flood: closing 127.0.0.1:",
-        "logout": "logout closes",
+        "logout": "reason=logged_out",
         "notification socket": "connect 127.0.0.1:",
     }
     missing = [what for what, needle in events.items() if needle not in app]
@@ -170,7 +170,7 @@ async def test_json_logs_are_one_object_per_line_with_connection_ids_and_no_secr
         "refused anonymous": ": auth_required",
         "rate limit hit": "rate limited 127.0.0.1:",
         "flood closed": "flood: closing 127.0.0.1:",
-        "logout": "logout closes",
+        "logout": "reason=logged_out",
     }
     for what, needle in events.items():
         found = [r for r in records if needle in r["message"]]

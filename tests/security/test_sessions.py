@@ -3,24 +3,33 @@
 One user's session cookie cannot reach another user's notifications (the group comes from the
 authenticated user, never from the request); forged or tampered cookies are anonymous; a foreign
 Origin is refused even with a valid cookie (cross-site websocket hijacking); logging out closes
-the sockets of that session -- and only that session's.
+the sockets of that session, chat and notifications on every replica, at once -- and only that
+session's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
+import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
 import websockets
 
-from tests.harness import RunningStack, recv_json, recv_until
+from tests.harness import RunningStack, recv_json, recv_until, replica_of, room_path
 from tests.security.conftest import create_users, log_in, notify_self
 
 pytestmark = pytest.mark.e2e
 
 USERS = ("mallory", "victim", "cookie-owner", "hijacked", "two-devices")
+#: The issue's bound for closing a user's sockets everywhere. The shared stack checks sessions
+#: every WS_SESSION_RECHECK (30) s: only the logout itself can close them this early.
+CLOSE_WITHIN_SECONDS = 5.0
+REPLICAS = 3
+LOGOUT_ROOM = "logout-watch"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +42,36 @@ async def refused_with(ws: websockets.ClientConnection) -> tuple[str, int]:
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await ws.recv()
     return frame["code"], closed.value.rcvd.code
+
+
+async def closed_with(ws: websockets.ClientConnection) -> tuple[dict[str, Any], int]:
+    """The last frame before the close (other frames, such as room traffic, are skipped), and
+    the close code."""
+    frame: dict[str, Any] = {}
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            frame = await recv_json(ws)
+    received = closed.value.rcvd
+    return frame, received.code if received is not None else 1006  # 1006: no close frame
+
+
+async def replica_serving(ws: websockets.ClientConnection, ref: str) -> str:
+    await ws.send(json.dumps({"message": "who serves me", "ref": ref}))
+    frame = await recv_until(ws, lambda f: f.get("ref") == ref)
+    return replica_of(frame["delivered_by"])
+
+
+async def chat_on_every_replica(
+    stack: RunningStack, cookies: httpx.Cookies
+) -> list[websockets.ClientConnection]:
+    """Chat sockets of one session until each replica holds one (at most 3 per replica)."""
+    sockets: list[websockets.ClientConnection] = []
+    replicas: set[str] = set()
+    while len(replicas) < REPLICAS and len(sockets) < 3 * REPLICAS:
+        sockets.append(await stack.connect(room_path(LOGOUT_ROOM), cookies=cookies))
+        replicas.add(await replica_serving(sockets[-1], f"laptop-{len(sockets)}"))
+    assert len(replicas) == REPLICAS, replicas
+    return sockets
 
 
 async def test_a_cookie_reaches_only_its_own_users_notifications(
@@ -92,26 +131,36 @@ async def test_a_valid_cookie_from_a_foreign_origin_is_refused(
 async def test_logout_closes_that_sessions_sockets_and_only_those(
     stack: RunningStack, users: dict[str, int]
 ) -> None:
+    """Chat and notification sockets of the session, on every replica, close at once (well
+    before the next session check) with ``logged_out`` and 4401; the user's other session keeps
+    both kinds open and delivered to."""
     laptop, phone = log_in(stack, "two-devices"), log_in(stack, "two-devices")
     assert laptop.cookies["sessionid"] != phone.cookies["sessionid"]
     laptop_sockets = [
         await stack.connect("/ws/notifications/", cookies=laptop.cookies) for _ in range(2)
     ]
-    phone_socket = await stack.connect("/ws/notifications/", cookies=phone.cookies)
+    laptop_sockets += await chat_on_every_replica(stack, laptop.cookies)
+    phone_notes = await stack.connect("/ws/notifications/", cookies=phone.cookies)
+    phone_chat = await stack.connect(room_path(LOGOUT_ROOM), cookies=phone.cookies)
     old_cookies = httpx.Cookies(laptop.cookies)
     try:
+        logged_out_at = time.monotonic()
         response = stack.csrf_post(laptop, "/accounts/logout/", {})
         assert response.status_code == 302
-        for ws in laptop_sockets:
-            assert await refused_with(ws) == ("logged_out", 4401)
+        outcomes = await asyncio.gather(*(closed_with(ws) for ws in laptop_sockets))
+        elapsed = time.monotonic() - logged_out_at
+        for frame, code in outcomes:
+            assert (frame["type"], frame["code"], code) == ("error", "logged_out", 4401)
+        assert elapsed < CLOSE_WITHIN_SECONDS, elapsed
         # The phone's session is untouched: still open, still delivered to.
         notify_self(stack, phone, "still here")
-        frame = await recv_until(phone_socket, lambda f: f.get("type") == "notification")
+        frame = await recv_until(phone_notes, lambda f: f.get("type") == "notification")
         assert frame["message"] == "still here"
+        assert await replica_serving(phone_chat, "phone")
         # The logged-out session cookie no longer authenticates a socket.
         ws = await stack.connect("/ws/notifications/", cookies=old_cookies)
         assert await refused_with(ws) == ("auth_required", 4401)
     finally:
-        await asyncio.gather(*(ws.close() for ws in [*laptop_sockets, phone_socket]))
+        await asyncio.gather(*(ws.close() for ws in [*laptop_sockets, phone_notes, phone_chat]))
         laptop.close()
         phone.close()

@@ -9,7 +9,7 @@ from channels.routing import URLRouter
 from channels.testing import WebsocketCommunicator
 from django.contrib.auth.models import AnonymousUser
 
-from notifications.publish import end_session, notify_user, user_group
+from notifications.publish import notify_user, user_group
 from notifications.routing import websocket_urlpatterns
 
 pytestmark = pytest.mark.usefixtures("layer_on_redis")
@@ -79,15 +79,6 @@ async def test_seed_style_signal_event_is_delivered() -> None:
     frame = await communicator.receive_json_from(timeout=10)
     assert frame["notification_type"] == "new_comment" and frame["data"] == {"comment_id": 9}
     await communicator.disconnect()
-
-
-async def test_logout_closes_only_that_sessions_sockets() -> None:
-    same_session, other_session = await subscribed(104, "s-a"), await subscribed(104, "s-b")
-    await sync_to_async(end_session)(104, "s-a")
-    assert (await same_session.receive_json_from(timeout=10))["code"] == "logged_out"
-    assert (await same_session.receive_output(timeout=10))["code"] == 4401
-    assert await other_session.receive_nothing(timeout=0.5)
-    await other_session.disconnect()
 
 
 async def test_clients_cannot_send_on_the_notification_socket() -> None:
