@@ -39,10 +39,35 @@ ENABLED = env.get_bool("METRICS_ENABLED")
 #: the event, so no client frame ever carries it (the wire protocol is unchanged).
 ACCEPTED_AT = "_switchboard_accepted_at"
 
-#: Connections one replica (2 workers) is sized for: the connection-storm test holds 2,000
-#: sockets on one 2-core machine with every worker's descriptors and memory back at baseline
-#: after. The "too many connections" alert fires above it; autoscaling aims at half of it.
-CONNECTIONS_PER_REPLICA_CAPACITY = 2000
+#: The app container of one pod (k8s/base/app-deployment.yaml, docker-compose.yml): its memory
+#: limit and its processes, the gunicorn master and WEB_CONCURRENCY uvicorn workers.
+POD_MEMORY_LIMIT_MIB = 512
+POD_PROCESSES = 1 + 2
+#: Measured by ``python -m loadtests capacity`` on the reference machine (loadtests/README.md):
+#: one idle worker process, and app memory per idle connection (after one message each). The
+#: master is counted as a worker: an upper bound, it does not load Django (no preload).
+MEASURED_PROCESS_MIB = 60
+MEASURED_KIB_PER_CONNECTION = 36.3
+#: Share of the memory limit kept free at capacity: busy sockets hold more than idle ones (frames
+#: up to WS_MAX_MESSAGE_BYTES, send buffers), and an out-of-memory kill closes every socket of
+#: the pod at once.
+POD_MEMORY_HEADROOM = 0.3
+
+#: Connections one pod (replica) is sized for: what fits in its memory limit with
+#: POD_MEMORY_HEADROOM of it free, rounded down to a thousand (5,000). Memory, not CPU, is what
+#: idle sockets cost; the CPU of their traffic is the HPA's CPU target. The "too many
+#: connections" alert fires above it (the pod still has its headroom); autoscaling aims at half
+#: of it, because new pods only get new connections. tests/static/test_monitoring.py checks the
+#: alert, the HPA target, the pod spec and the measured figures against these.
+CONNECTIONS_PER_REPLICA_CAPACITY = (
+    int(
+        (POD_MEMORY_LIMIT_MIB * (1 - POD_MEMORY_HEADROOM) - POD_PROCESSES * MEASURED_PROCESS_MIB)
+        * 1024
+        / MEASURED_KIB_PER_CONNECTION
+    )
+    // 1000
+    * 1000
+)
 AUTOSCALING_CONNECTIONS_PER_REPLICA = CONNECTIONS_PER_REPLICA_CAPACITY // 2
 
 #: Fan-out latency buckets (seconds): the load tests' p99 goal is 100 ms, the alert 250 ms.

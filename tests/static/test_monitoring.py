@@ -90,6 +90,54 @@ def test_figures_in_rules_and_autoscaling_are_the_metrics_module_figures() -> No
     assert rule["seriesQuery"].startswith(metrics.WEBSOCKET_CONNECTIONS._name + "{")
 
 
+def _app_container_limits() -> dict[str, str]:
+    docs = yaml.safe_load_all((ROOT / "k8s" / "base" / "app-deployment.yaml").read_text())
+    [deployment] = [doc for doc in docs if doc and doc["kind"] == "Deployment"]
+    [app] = [c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "app"]
+    return app["resources"]["limits"]
+
+
+def test_the_connections_per_pod_figure_fits_the_pod_spec_and_the_measured_memory() -> None:
+    """One figure: CONNECTIONS_PER_REPLICA_CAPACITY (the alert) and half of it (the HPA target)
+    come from the app container's memory limit and processes -- the same in the k8s Deployment
+    and in compose -- and the memory ``loadtests capacity`` measured, with 30 % of the limit free.
+    """
+    assert _app_container_limits()["memory"] == f"{metrics.POD_MEMORY_LIMIT_MIB}Mi"
+    compose_app = load_compose()["services"]["app"]
+    assert compose_app["deploy"]["resources"]["limits"]["memory"] == (
+        f"{metrics.POD_MEMORY_LIMIT_MIB}M"
+    )
+    workers = metrics.POD_PROCESSES - 1  # and the gunicorn master
+    config_env = (ROOT / "k8s" / "base" / "config.env").read_text()
+    assert f"\nWEB_CONCURRENCY={workers}\n" in config_env
+    assert compose_app["environment"]["WEB_CONCURRENCY"] == str(workers)
+    # The measured figures are those of the capacity report.
+    report = (ROOT / "loadtests" / "README.md").read_text()
+    assert f"| one idle worker process | {metrics.MEASURED_PROCESS_MIB} MiB" in report
+    assert (
+        "| app workers, memory per idle connection (after one message each) | "
+        f"{metrics.MEASURED_KIB_PER_CONNECTION} KiB"
+    ) in report
+    # At capacity the pod still has its headroom; a thousand more would eat into it.
+    capacity = metrics.CONNECTIONS_PER_REPLICA_CAPACITY
+
+    def used_mib(connections: int) -> float:
+        return (
+            metrics.POD_PROCESSES * metrics.MEASURED_PROCESS_MIB
+            + connections * metrics.MEASURED_KIB_PER_CONNECTION / 1024
+        )
+
+    usable_mib = metrics.POD_MEMORY_LIMIT_MIB * (1 - metrics.POD_MEMORY_HEADROOM)
+    assert used_mib(capacity) <= usable_mib < used_mib(capacity + 1000)
+    assert capacity == metrics.AUTOSCALING_CONNECTIONS_PER_REPLICA * 2
+    # The README says the same figures.
+    readme = (ROOT / "README.md").read_text()
+    scaling = readme[readme.index("### Scaling\n") : readme.index("## Operate it")]
+    for figure in (capacity, metrics.AUTOSCALING_CONNECTIONS_PER_REPLICA):
+        assert f"{figure:,}" in scaling, figure
+    assert f"more than {capacity:,} websockets" in readme
+
+
 def test_prometheus_rule_carries_exactly_the_rules_of_monitoring() -> None:
     [doc] = yaml.safe_load_all((COMPONENTS / "monitoring" / "prometheusrule.yaml").read_text())
     assert doc["kind"] == "PrometheusRule"
