@@ -10,7 +10,9 @@ settings) start the same thing:
 * :class:`LocalSentinelSet`: 1 master, 1 replica, 3 sentinels (``redis-server --sentinel``),
   ``down-after-milliseconds`` 1 s.
 
-Every server requires a password (``requirepass``; sentinels too).
+Every server requires a password (``requirepass``). The sentinels require one of their own,
+another than the data servers' (REDIS_SENTINEL_PASSWORD), and optionally an ACL user
+(REDIS_SENTINEL_USERNAME): a client that asks them with the master's password is refused.
 """
 
 from __future__ import annotations
@@ -282,10 +284,16 @@ class LocalCluster(_Topology):
 
 @dataclass
 class LocalSentinelSet(_Topology):
-    """One master, one replica and three sentinels watching them as ``master_name``."""
+    """One master, one replica and three sentinels watching them as ``master_name``.
+
+    The sentinels require ``sentinel_password`` (not the data servers' ``password``); with
+    ``sentinel_username``, only that ACL user is let in (the default user is switched off, and
+    the sentinels authenticate to each other as that user too)."""
 
     master_name: str = "switchboard"
     base: int = 0
+    sentinel_password: str = field(default_factory=lambda: secrets.token_urlsafe(16))
+    sentinel_username: str | None = None
 
     @property
     def data_ports(self) -> list[int]:
@@ -305,6 +313,33 @@ class LocalSentinelSet(_Topology):
         """REDIS_SENTINELS."""
         return ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
 
+    @property
+    def settings(self) -> dict[str, str]:
+        """The app's settings for this set (REDIS_TOPOLOGY, REDIS_URL, REDIS_SENTINEL*)."""
+        settings = {
+            "REDIS_TOPOLOGY": "sentinel",
+            "REDIS_URL": self.url,
+            "REDIS_SENTINELS": self.sentinels,
+            "REDIS_SENTINEL_MASTER": self.master_name,
+            "REDIS_SENTINEL_PASSWORD": self.sentinel_password,
+        }
+        if self.sentinel_username:
+            settings["REDIS_SENTINEL_USERNAME"] = self.sentinel_username
+        return settings
+
+    def _sentinel_auth_lines(self) -> list[str]:
+        if not self.sentinel_username:
+            return [
+                f"requirepass {self.sentinel_password}",
+                f"sentinel sentinel-pass {self.sentinel_password}",
+            ]
+        return [
+            "user default off",
+            f"user {self.sentinel_username} on >{self.sentinel_password} allcommands allchannels",
+            f"sentinel sentinel-user {self.sentinel_username}",
+            f"sentinel sentinel-pass {self.sentinel_password}",
+        ]
+
     def start(self) -> LocalSentinelSet:
         self.base = free_ports(5)
         master, replica = self.data_ports
@@ -321,8 +356,7 @@ class LocalSentinelSet(_Topology):
                             f"port {port}",
                             "bind 127.0.0.1",
                             f"dir {folder}",
-                            f"requirepass {self.password}",
-                            f"sentinel sentinel-pass {self.password}",
+                            *self._sentinel_auth_lines(),
                             f"sentinel monitor {self.master_name} 127.0.0.1 {master} 2",
                             f"sentinel auth-pass {self.master_name} {self.password}",
                             f"sentinel down-after-milliseconds {self.master_name} "
@@ -345,7 +379,14 @@ class LocalSentinelSet(_Topology):
         return self
 
     def sentinel(self, port: int) -> redis.Redis:
-        return self.client(port)
+        return redis.Redis(
+            host="127.0.0.1",
+            port=port,
+            username=self.sentinel_username,
+            password=self.sentinel_password,
+            socket_timeout=2,
+            socket_connect_timeout=2,
+        )
 
     def master_port(self) -> int:
         """The master's port as the sentinels' majority says now."""
@@ -420,9 +461,10 @@ def main(argv: list[str] | None = None) -> None:
     directory = Path(tempfile.mkdtemp(prefix=f"switchboard-{options.kind}-"))
     topology = LocalCluster(directory) if options.kind == "cluster" else LocalSentinelSet(directory)
     with topology.start():
-        print(f"REDIS_TOPOLOGY={options.kind}", f"REDIS_URL={topology.url}", sep="\n")
         if isinstance(topology, LocalSentinelSet):
-            print(f"REDIS_SENTINELS={topology.sentinels}")
+            print(*(f"{name}={value}" for name, value in topology.settings.items()), sep="\n")
+        else:
+            print(f"REDIS_TOPOLOGY={options.kind}", f"REDIS_URL={topology.url}", sep="\n")
         print(f"# data and logs in {directory}; Ctrl-C stops everything", flush=True)
         with contextlib.suppress(KeyboardInterrupt):
             signal.pause()

@@ -199,7 +199,7 @@ class Target:
                 self.redis_topology.start()
                 self.stack.environ["REDIS_URL"] = self.redis_topology.url
                 if isinstance(self.redis_topology, LocalSentinelSet):
-                    self.stack.environ["REDIS_SENTINELS"] = self.redis_topology.sentinels
+                    self.stack.environ.update(self.redis_topology.settings)
             try:
                 self.stack.start(timeout=120)
             except BaseException:
@@ -247,6 +247,9 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
     if redis_topology is not None:
         environ["REDIS_URL"] = "redis://placeholder/0"  # the real one once it has started
     checkout = settings.pop("checkout", None)
+    if checkout is not None and isinstance(redis_topology, LocalSentinelSet):
+        # Code from before REDIS_SENTINEL_PASSWORD asks the Sentinels with the master's.
+        redis_topology.sentinel_password = redis_topology.password
     if checkout is not None:
         if name != "switchboard" or not (Path(checkout) / "app" / "manage.py").exists():
             raise TargetError(f"checkout={checkout}: not a checkout of Switchboard")

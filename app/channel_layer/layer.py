@@ -185,7 +185,11 @@ class LoopState:
         self.token = uuid.uuid4().hex[:16]
         self.process_channel = layer.process_channel(self.token)
         self.topology = make_topology(
-            layer.topology_kind, layer.address, layer.sentinels, layer.sentinel_master
+            layer.topology_kind,
+            layer.address,
+            layer.sentinels,
+            layer.sentinel_master,
+            **layer.sentinel_auth,
         )
         self.publish_command = "SPUBLISH" if self.topology.sharded else "PUBLISH"
         self.mailboxes: dict[str, _Mailbox] = {}
@@ -571,6 +575,8 @@ class FanoutChannelLayer(BaseChannelLayer):
         topology: str = "single",
         sentinels: str | Iterable[Any] = (),
         sentinel_master: str = "switchboard",
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(capacity=capacity, **kwargs)
@@ -584,7 +590,13 @@ class FanoutChannelLayer(BaseChannelLayer):
         self.topology_kind = topology
         self.sentinels = sentinels if isinstance(sentinels, str) else list(sentinels)
         self.sentinel_master = sentinel_master
-        make_topology(topology, self.address, self.sentinels, sentinel_master)  # validates
+        self.sentinel_auth = {
+            "sentinel_username": sentinel_username,
+            "sentinel_password": sentinel_password,
+        }
+        make_topology(  # validates
+            topology, self.address, self.sentinels, sentinel_master, **self.sentinel_auth
+        )
         # Pub/sub ignores database numbers: the number goes into every channel name, with the
         # prefix, so that deployments sharing one Redis never see each other's messages. The
         # part in braces is the cluster hash tag: one group's channel is one slot (one shard),

@@ -9,7 +9,8 @@ map, ``redis.asyncio.sentinel.Sentinel``'s master lookup): this module only adap
 =============  ===========================================================================
 ``single``     one server (``REDIS_URL``). Plain ``SUBSCRIBE`` / ``PUBLISH``.
 ``sentinel``   the master Sentinel names ``REDIS_SENTINEL_MASTER``, looked up on every
-               (re)connect through ``REDIS_SENTINELS``; ``REDIS_URL`` gives its credentials,
+               (re)connect through ``REDIS_SENTINELS`` (asked with their own credentials,
+               :func:`sentinel_credentials`); ``REDIS_URL`` gives the master's credentials,
                database and TLS (its host is ignored). Plain ``SUBSCRIBE`` / ``PUBLISH``.
 ``cluster``    a Redis Cluster (7.0+, or Valkey) seeded by ``REDIS_URL``. Sharded pub/sub
                (``SSUBSCRIBE`` / ``SPUBLISH``): a channel lives on the master owning its slot,
@@ -77,13 +78,32 @@ class Topology:
         return f"{self.seed.host}:{self.seed.port}" if self.seed.path is None else self.seed.path
 
 
+def sentinel_credentials(
+    username: str | None, password: str | None, master_password: str | None
+) -> dict[str, str]:
+    """What redis-py's ``Sentinel`` presents to the Sentinels (its ``sentinel_kwargs``): their
+    own ``password`` (REDIS_SENTINEL_PASSWORD), as ``username`` (REDIS_SENTINEL_USERNAME) if
+    given; without a password of their own, the master's, for Sentinels that share it."""
+    if password:
+        return {"username": username, "password": password} if username else {"password": password}
+    if username:
+        raise ValueError("REDIS_SENTINEL_USERNAME needs REDIS_SENTINEL_PASSWORD")
+    return {} if master_password is None else {"password": master_password}
+
+
 class SentinelTopology(Topology):
     """A master found through Sentinel, asked again on every (re)connect."""
 
     follows_failovers = True
 
     def __init__(
-        self, address: RedisAddress, sentinels: Sequence[tuple[str, int]], master: str
+        self,
+        address: RedisAddress,
+        sentinels: Sequence[tuple[str, int]],
+        master: str,
+        *,
+        sentinel_username: str | None = None,
+        sentinel_password: str | None = None,
     ) -> None:
         super().__init__(address)
         if not sentinels:
@@ -93,10 +113,8 @@ class SentinelTopology(Topology):
         options: dict[str, Any] = {
             "socket_timeout": address.connect_timeout,
             "socket_connect_timeout": address.connect_timeout,
+            **sentinel_credentials(sentinel_username, sentinel_password, address.password),
         }
-        # Sentinels usually share the master's credentials (``requirepass`` in sentinel.conf).
-        if address.password is not None:
-            options["password"] = address.password
         if address.tls is not None:
             options["ssl"] = True
             options["ssl_cert_reqs"] = address.tls.verify_mode
@@ -232,12 +250,21 @@ def make_topology(
     address: RedisAddress,
     sentinels: str | Sequence[Any] = (),
     sentinel_master: str = "switchboard",
+    *,
+    sentinel_username: str | None = None,
+    sentinel_password: str | None = None,
 ) -> Topology:
     """The topology ``kind`` (one of :data:`TOPOLOGIES`) seeded by ``address``."""
     if kind == "single":
         return Topology(address)
     if kind == "sentinel":
-        return SentinelTopology(address, parse_sentinels(sentinels), sentinel_master)
+        return SentinelTopology(
+            address,
+            parse_sentinels(sentinels),
+            sentinel_master,
+            sentinel_username=sentinel_username,
+            sentinel_password=sentinel_password,
+        )
     if kind == "cluster":
         return ClusterTopology(address)
     raise ValueError(f"REDIS_TOPOLOGY={kind!r}; expected one of {', '.join(TOPOLOGIES)}")
@@ -248,10 +275,14 @@ def library_client(
     url: str,
     sentinels: str | Sequence[Any] = (),
     sentinel_master: str = "switchboard",
+    *,
+    sentinel_username: str | None = None,
+    sentinel_password: str | None = None,
     **options: Any,
 ) -> Redis | RedisCluster:
-    """A redis-py asyncio client of the topology ``kind`` (``/readyz``'s PING): the server, the
-    cluster (PING goes to every master) or the master Sentinel names right now."""
+    """A redis-py asyncio client of the topology ``kind`` (``/readyz``'s PING, the app's own
+    keys): the server, the cluster (PING goes to every master) or the master Sentinel names
+    right now (the Sentinels asked with :func:`sentinel_credentials`)."""
     if kind == "cluster":
         options.pop("health_check_interval", None)
         return RedisCluster.from_url(url, **options)
@@ -262,9 +293,9 @@ def library_client(
         if url.startswith("rediss://"):
             master["ssl"] = True  # SentinelManagedSSLConnection
         sentinel_options = {
-            "password": master.get("password"),
             "socket_timeout": options.get("socket_timeout"),
             "socket_connect_timeout": options.get("socket_connect_timeout"),
+            **sentinel_credentials(sentinel_username, sentinel_password, master.get("password")),
         }
         sentinel = Sentinel(parse_sentinels(sentinels), sentinel_kwargs=sentinel_options)
         return sentinel.master_for(sentinel_master, **(master | options))

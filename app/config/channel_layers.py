@@ -102,6 +102,8 @@ def channel_layers_from_env() -> dict[str, Any]:
                 "topology": env.get("REDIS_TOPOLOGY"),
                 "sentinels": env.get("REDIS_SENTINELS"),
                 "sentinel_master": env.get("REDIS_SENTINEL_MASTER"),
+                "sentinel_username": env.get("REDIS_SENTINEL_USERNAME"),
+                "sentinel_password": env.get("REDIS_SENTINEL_PASSWORD"),
             }
     topology = env.get("REDIS_TOPOLOGY")
     if topology not in TOPOLOGIES:
@@ -121,6 +123,8 @@ def channel_layers_from_env() -> dict[str, Any]:
         )
     if topology == "sentinel" and not env.get_list("REDIS_SENTINELS"):
         raise ImproperlyConfigured("REDIS_TOPOLOGY=sentinel needs REDIS_SENTINELS (host:port,...)")
+    if env.get("REDIS_SENTINEL_USERNAME") and not env.get("REDIS_SENTINEL_PASSWORD"):
+        raise ImproperlyConfigured("REDIS_SENTINEL_USERNAME needs REDIS_SENTINEL_PASSWORD")
     return {"default": {"BACKEND": backend, "CONFIG": config}}
 
 
@@ -134,6 +138,8 @@ def app_redis_client(**overrides: Any) -> Any:
         env.get("REDIS_URL"),
         env.get("REDIS_SENTINELS"),
         env.get("REDIS_SENTINEL_MASTER"),
+        sentinel_username=env.get("REDIS_SENTINEL_USERNAME"),
+        sentinel_password=env.get("REDIS_SENTINEL_PASSWORD"),
         **(redis_connection_options() | overrides),
     )
 

@@ -95,14 +95,29 @@ SETTINGS: tuple[Setting, ...] = (
         "REDIS_SENTINELS",
         "",
         DJANGO,
-        "`sentinel`: comma-separated `host:port` of the Sentinels (asked with REDIS_URL's "
-        "password).",
+        "`sentinel`: comma-separated `host:port` of the Sentinels (asked with "
+        "REDIS_SENTINEL_PASSWORD, else REDIS_URL's password).",
     ),
     Setting(
         "REDIS_SENTINEL_MASTER",
         "switchboard",
         DJANGO,
         "`sentinel`: the master's name in the Sentinels' configuration.",
+    ),
+    Setting(
+        "REDIS_SENTINEL_USERNAME",
+        "",
+        DJANGO,
+        "`sentinel`: the ACL user the Sentinels are asked as (with REDIS_SENTINEL_PASSWORD); "
+        "empty: their default user.",
+    ),
+    Setting(
+        "REDIS_SENTINEL_PASSWORD",
+        "",
+        DJANGO,
+        "`sentinel`: the Sentinels' own password (`requirepass` in sentinel.conf, or "
+        "REDIS_SENTINEL_USERNAME's). Empty: REDIS_URL's password, for Sentinels that share "
+        "the master's.",
     ),
     Setting(
         "CHANNEL_PREFIX",

@@ -29,10 +29,7 @@ def sentinel_stack(
         tmp_path_factory.mktemp("sentinel-stack"),
         replicas=2,
         workers=2,
-        REDIS_TOPOLOGY="sentinel",
-        REDIS_URL=sentinel_set.url,
-        REDIS_SENTINELS=sentinel_set.sentinels,
-        REDIS_SENTINEL_MASTER=sentinel_set.master_name,
+        **sentinel_set.settings,  # the Sentinels' own password too
     ) as running:
         yield running
 

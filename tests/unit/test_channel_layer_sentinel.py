@@ -29,6 +29,7 @@ def new_layer(sentinel_set: LocalSentinelSet) -> FanoutChannelLayer:
         topology="sentinel",
         sentinels=sentinel_set.sentinels,
         sentinel_master=sentinel_set.master_name,
+        sentinel_password=sentinel_set.sentinel_password,
         capacity=5000,
     )
 
@@ -46,7 +47,13 @@ async def test_readiness_ping_reaches_the_master_through_sentinel(
 ) -> None:
     # REDIS_URL's host is ignored: point it at a port nothing listens on.
     url = sentinel_set.url.replace(f":{sentinel_set.base}/", ":1/")
-    client = library_client("sentinel", url, sentinel_set.sentinels, sentinel_set.master_name)
+    client = library_client(
+        "sentinel",
+        url,
+        sentinel_set.sentinels,
+        sentinel_set.master_name,
+        sentinel_password=sentinel_set.sentinel_password,
+    )
     try:
         assert await client.ping()
         assert (await client.info("server"))["tcp_port"] == sentinel_set.master_port()

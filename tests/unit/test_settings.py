@@ -80,6 +80,7 @@ def test_rediss_url_with_password_reaches_the_channel_layer_config() -> None:
         ("REDIS_SOCKET_TIMEOUT", "3", "must exceed"),
         ("REDIS_TOPOLOGY", "ring", "expected one of"),
         ("REDIS_TOPOLOGY", "sentinel", "needs REDIS_SENTINELS"),
+        ("REDIS_SENTINEL_USERNAME", "app", "needs REDIS_SENTINEL_PASSWORD"),
         ("CHANNEL_PREFIX", "a{b}", "without braces"),
     ],
 )
@@ -113,17 +114,27 @@ def test_the_topology_settings_reach_the_layer_and_other_layers_refuse_them() ->
     code = (
         "import django; django.setup(); from django.conf import settings; "
         "c = settings.CHANNEL_LAYERS['default']['CONFIG']; "
-        "print(c['topology'], c['sentinels'], c['sentinel_master'], c['prefix'])"
+        "print(c['topology'], c['sentinels'], c['sentinel_master'], c['prefix'], "
+        "c['sentinel_username'], c['sentinel_password'])"
     )
     topology = {
         "REDIS_TOPOLOGY": "sentinel",
         "REDIS_SENTINELS": "10.0.0.1:26379,10.0.0.2:26379",
         "REDIS_SENTINEL_MASTER": "chat",
         "CHANNEL_PREFIX": "staging",
+        "REDIS_SENTINEL_USERNAME": "watcher",
+        "REDIS_SENTINEL_PASSWORD": "sentinel-secret",
     }
     result = django_python(code, **PRODUCTION, **topology)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["sentinel", "10.0.0.1:26379,10.0.0.2:26379", "chat", "staging"]
+    assert result.stdout.split() == [
+        "sentinel",
+        "10.0.0.1:26379,10.0.0.2:26379",
+        "chat",
+        "staging",
+        "watcher",
+        "sentinel-secret",
+    ]
     refused = django_python(code, **PRODUCTION, REDIS_TOPOLOGY="cluster", CHANNEL_LAYER="redis")
     assert refused.returncode != 0
     assert "REDIS_TOPOLOGY=cluster needs CHANNEL_LAYER=fanout" in refused.stderr
