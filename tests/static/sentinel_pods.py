@@ -31,6 +31,10 @@ PODS = 3
 SERVICE = "redis-sentinel"
 MASTER_NAME = "switchboard"
 PASSWORD = "sentinel-pods-test-password"
+#: The Sentinels' own (REDIS_SENTINEL_PASSWORD): a script that asked them with PASSWORD fails.
+SENTINEL_PASSWORD = "sentinel-pods-test-sentinel-password"
+#: Port -> the password that server requires.
+PASSWORDS = {6379: PASSWORD, 26379: SENTINEL_PASSWORD}
 VOLUMES = ("/scripts/", "/data/", "/sentinel/", "/etc/redis-auth/")
 
 
@@ -50,6 +54,7 @@ class Pod:
         for folder in [*mounts.values(), self.root / "bin"]:
             folder.mkdir(parents=True)
         (mounts["/etc/redis-auth/"] / "password").write_text(PASSWORD)
+        (mounts["/etc/redis-auth/"] / "sentinel-password").write_text(SENTINEL_PASSWORD)
         for script in SCRIPTS.glob("*.sh"):
             text = script.read_text()
             for path, folder in mounts.items():
@@ -107,7 +112,7 @@ class Pod:
     def ask(self, port: int, *command: str) -> list[str]:
         result = subprocess.run(
             ["redis-cli", "--no-auth-warning", "--raw", "-p", str(port), *command],
-            env={**self.environ, "REDISCLI_AUTH": PASSWORD},
+            env={**self.environ, "REDISCLI_AUTH": PASSWORDS[port]},
             capture_output=True,
             text=True,
             timeout=10,

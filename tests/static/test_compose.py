@@ -30,7 +30,13 @@ from tests.static.support import (
 )
 from tests.validators import run
 
-SECRET_VARIABLES = ("DJANGO_SECRET_KEY", "WS_TOKEN_KEYS", "REDIS_PASSWORD", "POSTGRES_PASSWORD")
+SECRET_VARIABLES = (
+    "DJANGO_SECRET_KEY",
+    "WS_TOKEN_KEYS",
+    "REDIS_PASSWORD",
+    "REDIS_SENTINEL_PASSWORD",
+    "POSTGRES_PASSWORD",
+)
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +173,9 @@ def test_secrets_are_wired_and_their_defaults_say_dev_only(compose: dict[str, An
     custom = load_compose(
         {"REDIS_PASSWORD": "s3cret-r", "POSTGRES_PASSWORD": "s3cret-p", "SWITCHBOARD_REPLICAS": "5"}
     )
+    sentinel_set = load_compose({"REDIS_SENTINEL_PASSWORD": "s3cret-s"}, topology="sentinel")
+    assert sentinel_set["services"]["app"]["environment"]["REDIS_SENTINEL_PASSWORD"] == "s3cret-s"
+    assert "requirepass s3cret-s" in _sentinel_config(sentinel_set["services"]["redis-sentinel-1"])
     custom_app = custom["services"]["app"]
     assert redis_url_parts(custom_app["environment"]["REDIS_URL"])["password"] == "s3cret-r"
     assert _flag(custom["services"]["redis"]["command"], "--requirepass") == "s3cret-r"
@@ -189,16 +198,22 @@ def _sentinel_config(service: dict[str, Any]) -> list[str]:
 
 @pytest.mark.parametrize("topology", COMPOSE_TOPOLOGIES)
 def test_every_redis_takes_the_apps_password_and_keeps_nothing(topology: str) -> None:
-    """Each Redis server and Sentinel of every topology: the password of the app's REDIS_URL,
-    the base file's image, noeviction, no persistence, and an authenticated healthcheck."""
+    """Each Redis server of every topology: the password of the app's REDIS_URL, the base
+    file's image, noeviction, no persistence, and an authenticated healthcheck. Each Sentinel:
+    the app's REDIS_SENTINEL_PASSWORD for itself (another than the servers'), REDIS_URL's to
+    log in to the servers."""
     compose = load_compose(topology=topology)
     services = compose["services"]
     password = redis_url_parts(services["app"]["environment"]["REDIS_URL"])["password"]
+    sentinel_password = services["app"]["environment"].get("REDIS_SENTINEL_PASSWORD")
     redis = _redis_services(compose)
     assert len(redis) == {"single": 1, "cluster": 7, "sentinel": 5}[topology], sorted(redis)
     for name, service in redis.items():
         assert service["image"] == services["redis"]["image"], f"{name}: one Redis everywhere"
-        assert service["environment"]["REDISCLI_AUTH"] == password, name
+        is_sentinel = name.startswith("redis-sentinel")
+        assert service["environment"]["REDISCLI_AUTH"] == (
+            sentinel_password if is_sentinel else password
+        ), name
         if name in ONE_SHOT_SERVICES:
             continue
         assert "/data" in service["tmpfs"], f"{name}: its working directory is a tmpfs"
@@ -212,9 +227,10 @@ def test_every_redis_takes_the_apps_password_and_keeps_nothing(topology: str) ->
             assert _flag(argv, "--save") == "" and _flag(argv, "--appendonly") == "no", name
             assert "redis-cli ping" in service["healthcheck"]["test"][1], name
         else:
+            assert is_sentinel and sentinel_password and sentinel_password != password, name
             config = _sentinel_config(service)
-            assert f"requirepass {password}" in config, name
-            assert f"sentinel sentinel-pass {password}" in config, name
+            assert f"requirepass {sentinel_password}" in config, name
+            assert f"sentinel sentinel-pass {sentinel_password}" in config, name
             assert any(re.fullmatch(rf"sentinel auth-pass \S+ {password}", c) for c in config)
             assert "redis-cli -p 26379 ping" in service["healthcheck"]["test"][1], name
 

@@ -34,6 +34,7 @@ OVERRIDES = {
     "REDIS_URL": "the redis service, with its password",
     "REDIS_TOPOLOGY": "the cluster and Sentinel variants say which they are",
     "REDIS_SENTINELS": "the Sentinel variants' own Sentinels",
+    "REDIS_SENTINEL_PASSWORD": "the Sentinel variants' Sentinels require their own password",
     "DJANGO_SECRET_KEY": "a real secret (dev-only default in compose)",
     "WS_TOKEN_KEYS": "a real secret (dev-only default in compose)",
     "DJANGO_ALLOWED_HOSTS": "production serves its own host name",
@@ -112,7 +113,7 @@ K8S_TOPOLOGY = {"single": "single", "sentinel": "sentinel", "managed-cluster": "
 def _check_redis_settings(environ: dict[str, Any], topology: str, where: str) -> None:
     """What REDIS_TOPOLOGY says agrees with the rest of the Redis settings."""
     assert environ["REDIS_TOPOLOGY"] == topology, where
-    sentinel_names = {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER"}
+    sentinel_names = {"REDIS_SENTINELS", "REDIS_SENTINEL_MASTER", "REDIS_SENTINEL_PASSWORD"}
     if topology == "sentinel":
         assert environ["REDIS_SENTINELS"] and sentinel_names <= set(environ), where
         for entry in environ["REDIS_SENTINELS"].split(","):

@@ -421,12 +421,15 @@ def _check_sentinel(docs: list[dict[str, Any]]) -> None:
     assert master_ref["name"] == generated_name(docs, "ConfigMap", "switchboard-config")
     assert master_ref["key"] == "REDIS_SENTINEL_MASTER"
 
-    # One password, from one Secret key: the app's env and the pods' mounted file.
+    # Two passwords, each from one Secret key: the app's env and the pods' mounted files. The
+    # servers' (in REDIS_URL) and the Sentinels' own (REDIS_SENTINEL_PASSWORD).
     volumes = {v["name"]: v for v in pod["volumes"]}
     auth = next(m for m in redis["volumeMounts"] if m["mountPath"] == "/etc/redis-auth")
-    (item,) = volumes[auth["name"]]["secret"]["items"]
-    assert item["path"] == "password"
-    assert app_env["REDIS_PASSWORD"] == ("secret", item["key"])
+    items = {i["path"]: i["key"] for i in volumes[auth["name"]]["secret"]["items"]}
+    assert set(items) == {"password", "sentinel-password"}
+    assert app_env["REDIS_PASSWORD"] == ("secret", items["password"])
+    assert app_env["REDIS_SENTINEL_PASSWORD"] == ("secret", items["sentinel-password"])
+    assert items["password"] != items["sentinel-password"]
     url = redis_url_parts(app_env["REDIS_URL"])
     assert url["password"] == "$(REDIS_PASSWORD)" and url["db"] == "0"
 

@@ -14,8 +14,8 @@ port 26379
 sentinel resolve-hostnames yes
 sentinel announce-hostnames yes
 sentinel announce-ip $me
-requirepass "$(password)"
-sentinel sentinel-pass "$(password)"
+requirepass "$(sentinel_password)"
+sentinel sentinel-pass "$(sentinel_password)"
 sentinel monitor ${REDIS_SENTINEL_MASTER} $master 6379 2
 sentinel auth-pass ${REDIS_SENTINEL_MASTER} "$(password)"
 sentinel down-after-milliseconds ${REDIS_SENTINEL_MASTER} 5000
