@@ -19,6 +19,7 @@ import httpx
 import pytest
 import websockets
 
+from tests.faults.tools import record_figures
 from tests.harness import RunningStack, recv_json, recv_until, replica_of, room_path
 from tests.security.conftest import create_users, log_in, notify_self
 
@@ -149,6 +150,10 @@ async def test_logout_closes_that_sessions_sockets_and_only_those(
         assert response.status_code == 302
         outcomes = await asyncio.gather(*(closed_with(ws) for ws in laptop_sockets))
         elapsed = time.monotonic() - logged_out_at
+        record_figures(
+            "logout_close",
+            {"seconds_to_last_socket": round(elapsed, 3), "sockets": len(laptop_sockets)},
+        )
         for frame, code in outcomes:
             assert (frame["type"], frame["code"], code) == ("error", "logged_out", 4401)
         assert elapsed < CLOSE_WITHIN_SECONDS, elapsed
