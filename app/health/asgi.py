@@ -9,7 +9,9 @@ weakening either for real traffic.
 * ``/readyz``: Redis answers PING and a message makes a round trip through the channel layer.
   503 with the failing check otherwise; the load balancer stops routing new sockets here.
   With a layer that counts what it drops (``CHANNEL_LAYER=fanout``), the body also carries its
-  counters under ``layer`` (``dropped``, ``reconnects``, ...).
+  counters under ``layer`` (``dropped``, ``reconnects``, ...). Like ``/metrics``, it answers
+  404 to a request that came through a proxy: its counters and its Redis round trip are for the
+  orchestrator on the pod's own port, not for the internet (a Gateway routes ``/`` to that port).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from health.checks import layer_details, readiness
+from observability.asgi import came_through_a_proxy
 
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
@@ -38,6 +41,8 @@ class HealthCheckMiddleware:
             if scope["path"] == "/healthz":
                 return await _respond(send, 200, {"status": "alive"})
             if scope["path"] == "/readyz":
+                if came_through_a_proxy(scope):
+                    return await _respond(send, 404, {"status": "not found"})
                 started = time.monotonic()
                 try:
                     checks = await asyncio.wait_for(readiness(), READY_TIMEOUT_SECONDS)

@@ -31,6 +31,12 @@ SCRAPE_CHECK_SECONDS = 0.5
 _PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
 
 
+def came_through_a_proxy(scope: Scope) -> bool:
+    """Whether a proxy (nginx, a Gateway, a load balancer) forwarded this request: it says so in
+    a forwarding header. Endpoints for the pod's own network only answer such requests 404."""
+    return any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
+
+
 class MetricsEndpoint:
     """Wraps the whole ASGI application: answers ``/metrics``, names every websocket."""
 
@@ -43,8 +49,11 @@ class MetricsEndpoint:
         if kind == "websocket":
             context.begin(scope.get("path", ""))
         elif kind == "http" and scope["path"] == METRICS_PATH:
-            proxied = any(name in _PROXY_HEADERS for name, _ in scope.get("headers", ()))
-            if metrics.ENABLED and not proxied and scope["method"] in {"GET", "HEAD"}:
+            if (
+                metrics.ENABLED
+                and not came_through_a_proxy(scope)
+                and scope["method"] in {"GET", "HEAD"}
+            ):
                 accept = dict(scope.get("headers", ())).get(b"accept", b"").decode("latin-1")
                 return await _serve_metrics(send, accept)
             return await _not_found(send)

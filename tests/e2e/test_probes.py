@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.harness import RunningStack
@@ -45,3 +46,16 @@ def test_probes_pass_on_every_replica_and_a_redirect_fails_them(stack: RunningSt
         redirected = probe(port, "/accounts/login/")
         assert redirected.returncode == 1, redirected.stdout + redirected.stderr
         assert " 301 " in redirected.stderr
+
+
+def test_readyz_is_not_served_through_a_proxy(stack: RunningStack) -> None:
+    """A Gateway routing `/` to the pods' port, or any proxy, adds a forwarding header: then
+    /readyz (its layer counters, its Redis round trip) is not there; the probe's direct GET is."""
+    port = stack.stack.app_ports[0]
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/readyz", headers={header: "for=198.51.100.7"}, timeout=10
+        )
+        assert response.status_code == 404, (header, response.text)
+        assert "layer" not in response.text
+    assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200
