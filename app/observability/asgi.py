@@ -28,7 +28,7 @@ METRICS_PATH = "/metrics"
 #: Each readiness check of a scrape is cut off after this long (counted as failed), so that a
 #: replica whose Redis is gone still answers its scrape in time (the tests scrape every second).
 SCRAPE_CHECK_SECONDS = 0.5
-_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip"})
+_PROXY_HEADERS = frozenset({b"x-forwarded-for", b"forwarded", b"x-real-ip", b"x-forwarded-proto"})
 
 
 def came_through_a_proxy(scope: Scope) -> bool:

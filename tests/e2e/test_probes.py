@@ -52,7 +52,7 @@ def test_readyz_is_not_served_through_a_proxy(stack: RunningStack) -> None:
     """A Gateway routing `/` to the pods' port, or any proxy, adds a forwarding header: then
     /readyz (its layer counters, its Redis round trip) is not there; the probe's direct GET is."""
     port = stack.stack.app_ports[0]
-    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP"):
+    for header in ("X-Forwarded-For", "Forwarded", "X-Real-IP", "X-Forwarded-Proto"):
         response = httpx.get(
             f"http://127.0.0.1:{port}/readyz", headers={header: "for=198.51.100.7"}, timeout=10
         )
