@@ -153,6 +153,12 @@ async def forget_channel(layer: Any, channel: str) -> int:
     return dropped
 
 
+#: The last event :meth:`GroupMemberConsumer._take_directly` found valid, and the schema: the
+#: layer offers one room message to every local member as the same object, which no taker may
+#: change, so it is checked once per process, not once per member. (Held, so never reused.)
+_last_valid: list[Any] = [None, None]
+
+
 class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
@@ -248,8 +254,10 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         if name is None:
             return False
         schema = self.event_schemas.get(kind)
-        if schema is not None and schema.problem(event) is not None:
-            return False
+        if schema is not None and (event is not _last_valid[0] or schema is not _last_valid[1]):
+            if schema.problem(event) is not None:
+                return False
+            _last_valid[:] = event, schema  # the next member gets the same object: checked
         try:
             text = getattr(self, name)(event)
         except Exception:
