@@ -169,7 +169,8 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
     event_schemas: ClassVar[Mapping[str, EventSchema]] = {}
     #: Internal event type -> the name of a method that returns the one text frame the event's
     #: handler sends for it (``None``: none), without awaiting and without changing the event.
-    #: The handler must do nothing else (see :meth:`_take_directly`).
+    #: The handler must do nothing else (see :meth:`_take_directly`): a subclass whose handler
+    #: for such a type does more must leave the type out.
     frame_handlers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
