@@ -156,6 +156,12 @@ async def _app(scope: dict, receive: Any, send: Any) -> None:
             wrote = PROTOCOLS[-1].send_text_now("now")
             await send({"type": "websocket.send", "text": str(wrote)})
             continue
+        if message["text"] == "paused":  # the same while the transport asks to stop writing
+            PROTOCOLS[-1].pause_writing()
+            wrote = PROTOCOLS[-1].send_text_now("not now")
+            PROTOCOLS[-1].resume_writing()
+            await send({"type": "websocket.send", "text": str(wrote)})
+            continue
         await send({"type": "websocket.send", "text": message["text"]})
 
 
@@ -269,12 +275,14 @@ async def test_a_frame_is_written_at_once_only_while_the_socket_is_open(lean_ser
         with socket.create_connection(("127.0.0.1", lean_server), timeout=10) as sock:
             _handshake(sock, lean_server)
             sock.sendall(Frame(Opcode.TEXT, b"now").serialize(mask=True))
+            sock.sendall(Frame(Opcode.TEXT, b"paused").serialize(mask=True))
             data = b""
-            while len(data) < 11:
+            while len(data) < 18:
                 data += sock.recv(4096)
             return data
 
-    assert await asyncio.to_thread(exchange) == b"\x81\x03now" + b"\x81\x04True"
+    # Written at once while open; while writing is paused nothing is written (send() waits).
+    assert await asyncio.to_thread(exchange) == b"\x81\x03now\x81\x04True\x81\x05False"
     protocol = PROTOCOLS[-1]
     for _ in range(100):  # the client closed its socket: uvicorn sees it within a loop turn
         if protocol.disconnected:
