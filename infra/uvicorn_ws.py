@@ -250,6 +250,25 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
             self.conn.parser = fresh
             parser.close()
 
+    def send_text_now(self, text: str) -> bool:
+        """Write a text frame at once, without awaiting, when nothing stands in its way: the
+        socket is open, not closing, uncompressed and the peer reads (``writable``). ``False``
+        otherwise, with nothing written: the caller sends it through :meth:`send`, which waits
+        or raises as uvicorn does. What a room's message to a local member costs here is this
+        call, with no task switch (``realtime.consumers.GroupMemberConsumer``)."""
+        if (
+            self.handshake_complete
+            and not self.close_sent
+            and not self.disconnected
+            and self.initial_response is None
+            and self.writable.is_set()
+            and self.conn.state is State.OPEN
+            and not self.conn.extensions
+        ):
+            self.transport.write(text_frame(text))
+            return True
+        return False
+
     async def send(self, message: Any) -> None:
         text = message.get("text")
         if (

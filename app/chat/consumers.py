@@ -39,6 +39,7 @@ CLOSE_POLICY_VIOLATION = 1008
 
 class ChatConsumer(GroupMemberConsumer):
     event_schemas = EVENT_SCHEMAS
+    frame_handlers = {"chat.message": "chat_frame"}
 
     async def connect(self) -> None:
         self.room = self.scope["url_route"]["kwargs"]["room"]
@@ -238,11 +239,17 @@ class ChatConsumer(GroupMemberConsumer):
         )
 
     async def chat_message(self, event: dict[str, Any]) -> None:
+        text = self.chat_frame(event)
+        if text is not None:
+            await self.send_frame(text)
+
+    def chat_frame(self, event: dict[str, Any]) -> str | None:
+        """The frame :meth:`chat_message` sends for ``event``, if any (``frame_handlers``)."""
         if self.replayed_through is not None:
             epoch, offset = self.replayed_through
             if event.get("epoch") == epoch and event.get("offset", 0) <= offset:
-                return  # the replay sent it (or the client reloads it: recovered false)
-        await self.send_frame(encoded_frame(event))
+                return None  # the replay sent it (or the client reloads it: recovered false)
+        return encoded_frame(event)
 
 
 #: The frames this process encoded last, by message id. Every member a process delivers one

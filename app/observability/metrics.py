@@ -360,9 +360,11 @@ def _delivery_batch(endpoint: str) -> BatchedHistogram:
     return BatchedHistogram(_child(FANOUT_LATENCY, endpoint), _child(DELIVERIES, endpoint))
 
 
-def delivered(accepted_at: float) -> None:
-    """A stamped event was written to this task's socket."""
-    _delivery_batch(context.current.get().endpoint).observe(max(0.0, time.time() - accepted_at))
+def delivered(accepted_at: float, endpoint: str | None = None) -> None:
+    """A stamped event was written to a socket of ``endpoint`` (default: this task's)."""
+    if endpoint is None:
+        endpoint = context.current.get().endpoint
+    _delivery_batch(endpoint).observe(max(0.0, time.time() - accepted_at))
 
 
 def flush_batches() -> None:

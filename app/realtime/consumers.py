@@ -29,6 +29,11 @@ It adds what every long-lived group member needs:
   (:data:`DB_EVENTS`), no new task per message (:func:`dispatch_serially`), and
   :meth:`~GroupMemberConsumer.send_frame` for frames, past the session middleware's per-send
   bookkeeping. Handlers still run one at a time, in arrival order per source.
+* **No task switch per delivery** for events a consumer turns into one frame
+  (:attr:`~GroupMemberConsumer.frame_handlers`): while the consumer is idle, the layer hands
+  such an event to it in the layer's own callback and the frame is written at once
+  (``FanoutChannelLayer.take_directly``, the worker's ``send_text_now``); otherwise (busy,
+  a queue, a peer that stopped reading, another layer or server) it goes the usual way.
 * **Metrics in one place** (``observability.metrics``): handshakes accepted and refused, open
   sockets, close codes, frames received, error frames, deliveries and their fan-out latency.
 """
@@ -50,6 +55,7 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from channel_layer.membership import keeper
+from observability import context as observability_context
 from observability import metrics
 from realtime import jsonframes
 from realtime.events import DROPPED_EVENTS, EventSchema
@@ -79,14 +85,16 @@ DB_EVENTS = frozenset({"websocket.connect", "websocket.disconnect"})
 async def dispatch_serially(
     sources: list[Callable[[], Awaitable[dict[str, Any]]]],
     dispatch: Callable[[dict[str, Any]], Awaitable[None]],
+    lock: asyncio.Lock | None = None,
 ) -> None:
     """Channels' ``await_many_dispatch`` without a new task and an ``asyncio.wait`` per message.
 
     The first source is pumped in the calling task, each other one in a long-lived task of its
-    own; a lock keeps dispatching one message at a time, as Channels does. The first exception
-    (``StopConsumer`` included) ends every source and is raised here.
+    own; ``lock`` (a new one by default) keeps dispatching one message at a time, as Channels
+    does. The first exception (``StopConsumer`` included) ends every source and is raised here.
     """
-    lock = asyncio.Lock()
+    if lock is None:
+        lock = asyncio.Lock()
 
     async def pump(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
         while True:
@@ -145,6 +153,12 @@ async def forget_channel(layer: Any, channel: str) -> int:
     return dropped
 
 
+#: The last event :meth:`GroupMemberConsumer._take_directly` found valid, and the schema: the
+#: layer offers one room message to every local member as the same object, which no taker may
+#: change, so it is checked once per process, not once per member. (Held, so never reused.)
+_last_valid: list[Any] = [None, None]
+
+
 class LayerUnavailable(Exception):
     """The channel layer could not add this socket to its group."""
 
@@ -153,6 +167,11 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
     #: Internal event type -> the fields its handler relies on (``realtime.events``). An event
     #: of a listed type that does not match is dropped (and logged) before any handler runs.
     event_schemas: ClassVar[Mapping[str, EventSchema]] = {}
+    #: Internal event type -> the name of a method that returns the one text frame the event's
+    #: handler sends for it (``None``: none), without awaiting and without changing the event.
+    #: The handler must do nothing else (see :meth:`_take_directly`): a subclass whose handler
+    #: for such a type does more must leave the type out.
+    frame_handlers: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -177,12 +196,25 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         real_send = getattr(wrapper, "real_send", None)
         saves_on = getattr(wrapper, "save_message_types", ("websocket.send",))
         self._frame_send = real_send if real_send and "websocket.send" not in saves_on else send
+        self._dispatching = asyncio.Lock()
+        self._write_now: Callable[[str], bool] | None = getattr(
+            getattr(self._frame_send, "__self__", None), "send_text_now", None
+        )
+        take = getattr(self.channel_layer, "take_directly", None)
+        if not (self.frame_handlers and self._write_now is not None and take is not None):
+            take = None
+        elif take(self.channel_name, self._take_directly):
+            self._endpoint = observability_context.current.get().endpoint
         ended_by_disconnect = False
         try:
-            await dispatch_serially([receive, self.channel_receive], self.dispatch)
+            await dispatch_serially(
+                [receive, self.channel_receive], self.dispatch, self._dispatching
+            )
         except StopConsumer:
             ended_by_disconnect = True  # websocket_disconnect left the groups
         finally:
+            if take is not None:
+                take(self.channel_name, None)
             if not ended_by_disconnect:
                 await self._leave_after_failure()
 
@@ -209,6 +241,34 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
             self.client,
             dropped,
         )
+
+    def _take_directly(self, event: dict[str, Any]) -> bool:
+        """The layer's offer of ``event`` while this consumer waits for it: what dispatching it
+        would do, done now, for an event in :attr:`frame_handlers` -- check it, write its frame,
+        count the delivery. ``False`` (nothing done; the event is dispatched as usual) while a
+        handler runs, for other or malformed events, when the frame cannot be written at once,
+        or when building it fails (the usual way then fails the same way, and says so)."""
+        if self._dispatching.locked():
+            return False
+        kind = event.get("type")
+        name = self.frame_handlers.get(kind) if isinstance(kind, str) else None
+        if name is None:
+            return False
+        schema = self.event_schemas.get(kind)
+        if schema is not None and (event is not _last_valid[0] or schema is not _last_valid[1]):
+            if schema.problem(event) is not None:
+                return False
+            _last_valid[:] = event, schema  # the next member gets the same object: checked
+        try:
+            text = getattr(self, name)(event)
+        except Exception:
+            return False
+        if text is not None and not self._write_now(text):
+            return False
+        accepted_at = event.get(metrics.ACCEPTED_AT)
+        if accepted_at is not None and metrics.ENABLED:
+            metrics.delivered(accepted_at, self._endpoint)
+        return True
 
     async def send_frame(self, text: str) -> None:
         """Send one text frame: ``self.send(text_data=text)`` without the wrappers' overhead."""

@@ -43,6 +43,47 @@ async def test_group_send_reaches_every_member_in_every_process(layers) -> None:
     assert got[2]["text"] == "hi"  # each member has its own copy
 
 
+async def test_a_taker_gets_group_messages_while_its_receiver_waits_in_order(layers) -> None:
+    a, b = layers
+    cb = await b.new_channel()
+    await b.group_add("room", cb)
+    taken: list[dict] = []
+    accept = True
+
+    def take(message: dict) -> bool:
+        if accept:
+            taken.append(message)
+        return accept
+
+    assert b.take_directly(cb, take)
+    assert not b.take_directly("specific.unknown!channel", take)
+    # Nobody waits in receive: the message is stored, not offered (the order is kept).
+    await a.group_send("room", {"type": "m", "n": 0})
+    await asyncio.sleep(0.2)
+    assert taken == []
+    waiting = asyncio.ensure_future(b.receive(cb))
+    assert (await asyncio.wait_for(waiting, 2))["n"] == 0
+    # A receiver waiting: the taker takes it; the receive goes on waiting.
+    waiting = asyncio.ensure_future(b.receive(cb))
+    await asyncio.sleep(0)
+    await a.group_send("room", {"type": "m", "n": 1})
+    await asyncio.sleep(0.2)
+    assert [m["n"] for m in taken] == [1] and not waiting.done()
+    # Declined: handed to the receiver as usual, as a copy of its own.
+    accept = False
+    await a.group_send("room", {"type": "m", "n": 2})
+    got = await asyncio.wait_for(waiting, 2)
+    assert got == {"type": "m", "n": 2}
+    # Unregistered: nothing is offered any more.
+    accept = True
+    assert b.take_directly(cb, None)
+    waiting = asyncio.ensure_future(b.receive(cb))
+    await asyncio.sleep(0)
+    await a.group_send("room", {"type": "m", "n": 3})
+    assert (await asyncio.wait_for(waiting, 2))["n"] == 3
+    assert [m["n"] for m in taken] == [1]
+
+
 async def test_send_to_a_channel_of_another_process_and_to_a_named_channel(layers) -> None:
     a, b = layers
     cb = await b.new_channel()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from channels.layers import get_channel_layer
@@ -167,3 +168,56 @@ async def test_unknown_websocket_path_is_refused_with_a_reason() -> None:
     assert connected
     assert (await communicator.receive_json_from(timeout=10))["code"] == "not_found"
     assert (await communicator.receive_output(timeout=10))["code"] == 4404
+
+
+class ImmediateWriter:
+    """The worker's side of ``send`` as infra/uvicorn_ws.py offers it: ``send_text_now``
+    writes a text frame at once when it can (here: into the communicator's output)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.writable = True
+        self.written: list[str] = []
+
+    async def send(self, message: dict) -> None:
+        await self.inner(message)
+
+    def send_text_now(self, text: str) -> bool:
+        if not self.writable:
+            return False
+        self.written.append(text)
+        self.inner.__self__.put_nowait({"type": "websocket.send", "text": text})
+        return True
+
+
+async def test_an_idle_member_gets_room_messages_written_at_once_and_the_rest_as_usual(
+    layer_on_redis: str,
+) -> None:
+    writers: list[ImmediateWriter] = []
+
+    async def served(scope: dict, receive: Any, send: Any) -> None:
+        writers.append(ImmediateWriter(send))
+        await app(scope, receive, writers[-1].send)
+
+    members = []
+    for _ in range(3):
+        communicator = WebsocketCommunicator(served, "/ws/chat/direct/")
+        assert (await communicator.connect(timeout=10))[0]
+        members.append(communicator)
+    # The sender is busy in its own handler when the message comes back (it takes the usual
+    # way, or not): only the other two are looked at.
+    await members[0].send_json_to({"message": "one"})
+    assert [(await m.receive_json_from(timeout=10))["message"] for m in members] == ["one"] * 3
+    # Only the default layer offers messages to waiting consumers (channels-redis does not).
+    direct = layer_on_redis == "fanout"
+    assert [len(w.written) for w in writers[1:]] == ([1, 1] if direct else [0, 0])
+    # A malformed event is not written at once: dispatched as usual, dropped, nobody closed.
+    await get_channel_layer().group_send("chat.direct", {"type": "chat.message", "message": "x"})
+    # A socket that cannot be written at once now gets its frame the usual way.
+    writers[2].writable = False
+    await members[0].send_json_to({"message": "two"})
+    assert [(await m.receive_json_from(timeout=10))["message"] for m in members] == ["two"] * 3
+    assert [len(w.written) for w in writers[1:]] == ([2, 1] if direct else [0, 0])
+    for member in members:
+        assert await member.receive_nothing(timeout=0.2)
+        await member.disconnect()

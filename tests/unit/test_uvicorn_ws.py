@@ -152,6 +152,16 @@ async def _app(scope: dict, receive: Any, send: Any) -> None:
     parser = PROTOCOLS[-1].conn.parser
     assert parser.gi_code is Protocol.parse.__code__, "the handshake parser is still in use"
     while (message := await receive())["type"] != "websocket.disconnect":
+        if message["text"] == "now":  # the consumers' shortcut (send_text_now), then its result
+            wrote = PROTOCOLS[-1].send_text_now("now")
+            await send({"type": "websocket.send", "text": str(wrote)})
+            continue
+        if message["text"] == "paused":  # the same while the transport asks to stop writing
+            PROTOCOLS[-1].pause_writing()
+            wrote = PROTOCOLS[-1].send_text_now("not now")
+            PROTOCOLS[-1].resume_writing()
+            await send({"type": "websocket.send", "text": str(wrote)})
+            continue
         await send({"type": "websocket.send", "text": message["text"]})
 
 
@@ -258,6 +268,28 @@ async def test_after_the_handshake_frames_flow_and_the_request_is_not_kept(
             return data
 
     assert await asyncio.to_thread(echo) == b"\x81\x05hello"
+
+
+async def test_a_frame_is_written_at_once_only_while_the_socket_is_open(lean_server: int) -> None:
+    def exchange() -> bytes:
+        with socket.create_connection(("127.0.0.1", lean_server), timeout=10) as sock:
+            _handshake(sock, lean_server)
+            sock.sendall(Frame(Opcode.TEXT, b"now").serialize(mask=True))
+            sock.sendall(Frame(Opcode.TEXT, b"paused").serialize(mask=True))
+            data = b""
+            while len(data) < 18:
+                data += sock.recv(4096)
+            return data
+
+    # Written at once while open; while writing is paused nothing is written (send() waits).
+    assert await asyncio.to_thread(exchange) == b"\x81\x03now\x81\x04True\x81\x05False"
+    protocol = PROTOCOLS[-1]
+    for _ in range(100):  # the client closed its socket: uvicorn sees it within a loop turn
+        if protocol.disconnected:
+            break
+        await asyncio.sleep(0.01)
+    assert protocol.disconnected
+    assert protocol.send_text_now("late") is False  # nothing written: send() decides
 
 
 @pytest.mark.parametrize("text", ["", "hello", "é" * 63, "x" * 126, "☃" * 30000, "x" * 70000])
