@@ -177,6 +177,8 @@ class Stack:
     http_port: int
     redis_port: int
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: The nginx configuration folder copied into the run directory (loadtests compare another).
+    nginx_dir: Path = NGINX_DIR
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> Stack:
@@ -315,8 +317,8 @@ class Stack:
         if target.exists():
             shutil.rmtree(target)
         (target / "conf.d").mkdir(parents=True)
-        shutil.copy(NGINX_DIR / "nginx.conf", target / "nginx.conf")
-        shutil.copytree(NGINX_DIR / "snippets", target / "snippets")
+        shutil.copy(self.nginx_dir / "nginx.conf", target / "nginx.conf")
+        shutil.copytree(self.nginx_dir / "snippets", target / "snippets")
         shutil.copy("/etc/nginx/mime.types", target / "mime.types")
         # max_fails=0: a replica that refuses a connection (restarting) costs that request one
         # instant retry on the next replica, and nothing more. With max_fails=1, nginx would
@@ -325,7 +327,7 @@ class Stack:
         # the other replica restarted next, nginx had "no live upstreams" (tests/faults/).
         servers = "\n".join(f"    server 127.0.0.1:{port} max_fails=0;" for port in self.app_ports)
         site = render(
-            SITE_TEMPLATE.read_text(),
+            (self.nginx_dir / SITE_TEMPLATE.relative_to(NGINX_DIR)).read_text(),
             {
                 "NGINX_UPSTREAM_SERVERS": servers,
                 "NGINX_HTTP_PORT": str(self.http_port),

@@ -267,6 +267,7 @@ def _headline(scenario: str, run: TargetRun, stepped: bool = False) -> dict[str,
         return {
             "KiB/conn (app)": m.get("app", {}).get("kib_per_connection", math.nan),
             "KiB/conn (nginx)": m.get("nginx", {}).get("kib_per_connection", math.nan),
+            "PSS (nginx)": m.get("nginx", {}).get("pss_kib_per_connection", math.nan),
             "connects/s": c["per_s"],
         }
     p = representative(scenario, run, stepped)

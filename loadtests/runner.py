@@ -127,7 +127,7 @@ def connections(session: Session, runs: Sequence[TargetRun]) -> None:
         pids = run.target.pids()
         time.sleep(1.0)
         before = {role: procstat.rss_kib(p) for role, p in pids.items()}
-        pss_before = procstat.pss_kib(pids["app"])
+        pss_before = {role: procstat.pss_kib(p) for role, p in pids.items()}
         room_count = max(1, math.ceil(o.connections / o.room_size))
         rooms = session.new_rooms(room_count)
         opened = session.open(
@@ -141,7 +141,7 @@ def connections(session: Session, runs: Sequence[TargetRun]) -> None:
         session.refresh_placement(run)
         pids = run.target.pids()
         after = {role: procstat.rss_kib(p) for role, p in pids.items()}
-        pss_after = procstat.pss_kib(pids["app"])
+        pss_after = {role: procstat.pss_kib(p) for role, p in pids.items()}
         open_now = len(run.rooms)
         memory: dict[str, Any] = {"connections_held": open_now}
         for role in ("app", "nginx"):
@@ -152,9 +152,10 @@ def connections(session: Session, runs: Sequence[TargetRun]) -> None:
                     "rss_before_kib": before[role],
                     "rss_after_kib": after[role],
                     "kib_per_connection": delta / open_now,
+                    # PSS splits pages shared between processes (nginx's workers share the
+                    # library code a first handshake faults in; RSS counts it in each worker).
+                    "pss_kib_per_connection": (pss_after[role] - pss_before[role]) / open_now,
                 }
-        if pids["app"] and open_now:
-            memory["app"]["pss_kib_per_connection"] = (pss_after - pss_before) / open_now
         run.extra["memory"] = memory
         session.progress.done(
             ", ".join(

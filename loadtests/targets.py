@@ -19,7 +19,10 @@
   6-node Redis Cluster of its own (3 masters + 3 replicas, ``infra.redis_topologies``), and
   ``REDIS_TOPOLOGY=sentinel`` on a master, a replica and 3 sentinels; Redis CPU is then the
   sum over all their processes. ``checkout=<dir>`` runs the app of another checkout (the
-  code before a change) with this virtualenv, nginx and Redis.
+  code before a change) with this virtualenv, nginx and Redis; ``nginx=<dir>`` puts another
+  nginx configuration folder (``nginx.conf``, ``snippets/``, ``templates/``; e.g. ``git
+  archive <commit> nginx | tar -x -C <dir>``, then ``<dir>/nginx``) in front of any started
+  target, so that two nginx configurations are measured in one run.
 
 Only loopback addresses are ever targets: anything else is refused before a socket is opened.
 """
@@ -230,6 +233,9 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
     cls, default_processes, description = MANAGED[name]
     label = settings.pop("label", name if not settings else f"{name}:{_describe(settings)}")
     replicas = int(settings.pop("replicas", default_processes))
+    nginx_dir = settings.pop("nginx", None)
+    if nginx_dir is not None and not (Path(nginx_dir) / "nginx.conf").exists():
+        raise TargetError(f"nginx={nginx_dir}: no nginx.conf there (give the nginx/ folder)")
     workers = int(settings.get("WEB_CONCURRENCY", "2")) if cls is Stack else 1
     run_dir = Path(tempfile.mkdtemp(prefix=f"loadtest-{name}-", dir=run_root))
     environ = isolated_environ(run_dir, replicas=replicas, workers=workers)
@@ -258,6 +264,8 @@ def _managed(name: str, settings: dict[str, str], run_root: Path | None) -> Targ
     stack = cls.from_env(environ)
     if isinstance(stack, CheckoutStack):
         stack.checkout = Path(checkout).resolve()
+    if nginx_dir is not None:
+        stack.nginx_dir = Path(nginx_dir).resolve()
     endpoint = Endpoint(
         server_name="localhost",
         address="127.0.0.1",

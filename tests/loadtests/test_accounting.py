@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +20,8 @@ from loadtests.accounting import (
 from loadtests.client import message_text, parse_message
 from loadtests.scenarios import KneeSteps
 from loadtests.targets import TargetError, parse_target, require_loopback
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def receive(
@@ -178,3 +182,18 @@ def test_only_loopback_targets(spec: str) -> None:
 def test_loopback_names_resolve() -> None:
     assert require_loopback("127.0.0.1", 443) == "127.0.0.1"
     assert require_loopback("localhost", 443) in {"127.0.0.1", "::1"}
+
+
+def test_a_started_target_takes_another_nginx_configuration(tmp_path: Path) -> None:
+    """``nginx=<dir>``: two nginx configurations in front of the same app, in one run."""
+    variant = tmp_path / "before" / "nginx"
+    shutil.copytree(ROOT / "nginx", variant)
+    tls = variant / "snippets" / "tls.conf"
+    tls.write_text(tls.read_text() + "# the variant\n")
+    target = parse_target(f"nodjango:nginx={variant},label=before", run_root=tmp_path)
+    assert target.label == "before" and "nginx" not in target.settings
+    target.stack._write_nginx()  # what Stack.prepare() runs before nginx starts
+    copied = target.stack.run_dir / "nginx" / "snippets" / "tls.conf"
+    assert copied.read_text().endswith("# the variant\n")
+    with pytest.raises(TargetError, match=r"no nginx\.conf"):
+        parse_target(f"nodjango:nginx={tmp_path / 'nowhere'}", run_root=tmp_path)
