@@ -76,6 +76,67 @@ LAYER_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.Ti
 DB_EVENTS = frozenset({"websocket.connect", "websocket.disconnect"})
 
 
+class _SerialDispatch:
+    """The state of one :func:`dispatch_serially` call, in one small object per socket (no
+    closures): the task that called it, the first helper that failed, and a lock with
+    ``asyncio.Lock``'s semantics -- first come, first served; a waiter cancelled after being
+    handed the lock passes it on -- whose waiter list exists only while someone waits (an
+    ``asyncio.Lock`` keeps a deque of ~650 bytes for good once two sources met)."""
+
+    __slots__ = ("busy", "dispatch", "failed", "owner", "waiters")
+
+    def __init__(
+        self, owner: asyncio.Task[Any], dispatch: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        self.owner = owner
+        self.dispatch = dispatch
+        self.failed: asyncio.Task[None] | None = None
+        self.busy = False
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    async def pump(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        while True:
+            message = await source()
+            if self.busy or self.waiters:
+                await self._wait_turn()
+            self.busy = True
+            try:
+                await self.dispatch(message)
+            finally:
+                self._pass_turn()
+
+    async def _wait_turn(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append(waiter)
+        try:
+            await waiter  # done: the lock was handed over (``busy`` stayed true)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_turn()  # handed over, but cancelled before it could run
+            raise
+        finally:
+            if self.waiters is not None and waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if not self.waiters:
+                self.waiters = None
+
+    def _pass_turn(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.waiters = None
+        self.busy = False
+
+    def interrupt(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and self.failed is None:
+            self.failed = task
+            self.owner.cancel()
+
+
 async def dispatch_serially(
     sources: list[Callable[[], Awaitable[dict[str, Any]]]],
     dispatch: Callable[[dict[str, Any]], Awaitable[None]],
@@ -86,35 +147,21 @@ async def dispatch_serially(
     own; a lock keeps dispatching one message at a time, as Channels does. The first exception
     (``StopConsumer`` included) ends every source and is raised here.
     """
-    lock = asyncio.Lock()
-
-    async def pump(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        while True:
-            message = await source()
-            async with lock:
-                await dispatch(message)
-
     here = asyncio.current_task()
     assert here is not None
-    failed: list[asyncio.Task[None]] = []
-
-    def interrupt(task: asyncio.Task[None]) -> None:
-        if not task.cancelled():
-            failed.append(task)
-            here.cancel()
-
-    helpers = [asyncio.ensure_future(pump(source)) for source in sources[1:]]
+    state = _SerialDispatch(here, dispatch)
+    helpers = [asyncio.ensure_future(state.pump(source)) for source in sources[1:]]
     for task in helpers:
-        task.add_done_callback(interrupt)
+        task.add_done_callback(state.interrupt)
     try:
-        await pump(sources[0])
+        await state.pump(sources[0])
     except asyncio.CancelledError:
-        if failed and here.uncancel() == 0:
-            failed[0].result()  # a helper's exception (StopConsumer included) ends it all
+        if state.failed is not None and here.uncancel() == 0:
+            state.failed.result()  # a helper's exception (StopConsumer included) ends it all
         raise
     finally:
         for task in helpers:
-            task.remove_done_callback(interrupt)
+            task.remove_done_callback(state.interrupt)
             task.cancel()
         for task in helpers:
             with contextlib.suppress(BaseException):
