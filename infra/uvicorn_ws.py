@@ -10,7 +10,11 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
 * the handshake ``Request`` and ``Response`` (with their header objects), about 2.5 KB per
   socket, which nothing reads after the handshake;
 * the same ``Request`` once more, about 3 KB with its headers: websockets' server parser keeps
-  it as a local variable of its generator for the life of the connection.
+  it as a local variable of its generator for the life of the connection;
+* the instance's own ``__dict__``: 34 attributes, beyond the 30 that CPython lets instances of a
+  class share one key table for, so each socket had a full dict of its own (1.6 KB). Twelve of
+  them (:data:`SERVER_WIDE`) are the same for every connection of a server; they live once per
+  server (:class:`ServerWide`), and the remaining ones fit the shared key table.
 
 :class:`LeanWebSocketsProtocol` swaps the first two for minimal equivalents (same methods, same
 semantics for the single consumer uvicorn has), writes a text frame sent to many sockets in a
@@ -125,6 +129,50 @@ class LeanEvent:
         return True
 
 
+#: Attributes uvicorn's protocol sets in ``__init__`` to one value per server (its config, loop,
+#: shared state, keepalive settings), never per connection.
+SERVER_WIDE = (
+    "config",
+    "app",
+    "loop",
+    "logger",
+    "root_path",
+    "asgi_version",
+    "app_state",
+    "connections",
+    "tasks",
+    # Not default_headers: the server replaces its list every second (the Date header), and
+    # each connection keeps the one of its own start.
+    "close_timeout",
+    "ping_interval",
+    "ping_timeout",
+)
+
+
+class ServerWide:
+    """One of :data:`SERVER_WIDE`: read from, and written once to, the server's shared values
+    (``_server_wide``) instead of each connection's ``__dict__``. A second, different value means
+    uvicorn now sets it per connection: that fails loudly rather than being shared."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        return protocol._server_wide[self.name]
+
+    def __set__(self, protocol: Any, value: Any) -> None:
+        current = protocol._server_wide.setdefault(self.name, value)
+        if current is not value and current != value:
+            raise RuntimeError(
+                f"uvicorn set {self.name} to {value!r} for one connection and {current!r} for "
+                "another of the same server: infra/uvicorn_ws.py shares it (SERVER_WIDE)"
+            )
+
+
 class _LastTextFrame:
     """The wire bytes of the last text frame this process sent, by the identity of its text."""
 
@@ -218,8 +266,20 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
     #: Set while the rest of a refused oversize frame is read (per instance only then).
     refused_frame: RefusedFrameDrain | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    locals().update({name: ServerWide(name) for name in SERVER_WIDE})
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # First, so that it is there when uvicorn's __init__ sets the SERVER_WIDE attributes.
+        self._server_wide: dict[str, Any] = vars(server_state).setdefault(
+            "lean_websockets_shared", {}
+        )
+        super().__init__(config, server_state, app_state, _loop)
         # Same object, one method more (see ServerProtocolKeepingUnparsedBytes): no state added.
         self.conn.__class__ = ServerProtocolKeepingUnparsedBytes
         self.queue = LeanQueue()  # type: ignore[assignment]

@@ -33,6 +33,7 @@ from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
 from infra.uvicorn_ws import (
+    SERVER_WIDE,
     LeanEvent,
     LeanQueue,
     LeanWebSocketsProtocol,
@@ -286,3 +287,31 @@ def test_the_drain_does_not_store_a_close_frame_that_claims_to_be_huge() -> None
 def test_the_protocol_keeps_the_unparsed_bytes_of_a_failure() -> None:
     protocol = ServerProtocolKeepingUnparsedBytes(max_size=MAX_SIZE)
     assert isinstance(protocol.reader.buffer, bytearray), UPGRADE_HINT.format(uvicorn.__version__)
+
+
+def test_the_server_wide_attributes_are_set_once_per_server() -> None:
+    """LeanWebSocketsProtocol keeps SERVER_WIDE attributes once per server, not per socket."""
+    for attribute in SERVER_WIDE:
+        setters = {name for name, uses in _methods_using(attribute).items() if "=" in uses}
+        assert setters <= {"__init__"}, (
+            f"uvicorn now sets self.{attribute} in {sorted(setters - {'__init__'})}: it may "
+            "differ per connection. " + UPGRADE_HINT.format(uvicorn.__version__)
+        )
+
+
+async def test_connections_share_the_server_wide_values_and_no_more() -> None:
+    config = Config(app=_app, ws=LeanWebSocketsProtocol, lifespan="off")
+    config.load()
+    state, app_state = ServerState(), {}
+    first, second = (LeanWebSocketsProtocol(config, state, app_state) for _ in range(2))
+    assert first.config is second.config is config
+    assert first.connections is second.connections is state.connections
+    own = set(vars(first))
+    assert not own & set(SERVER_WIDE)
+    # CPython shares one key table among a class's instances of up to 30 attributes; the
+    # handshake adds request, response and scope.
+    assert len(own) + 3 <= 30, sorted(own)
+    other = Config(app=_app, ws=LeanWebSocketsProtocol, lifespan="off", ws_ping_interval=1.5)
+    other.load()
+    with pytest.raises(RuntimeError, match="SERVER_WIDE"):
+        LeanWebSocketsProtocol(other, state, app_state)  # another value, same server
