@@ -1,7 +1,7 @@
 """uvicorn's websockets-sansio protocol, lighter per idle connection.
 
 Every websocket a worker holds keeps its protocol object for as long as it is open; measured
-with tracemalloc (loadtests/README.md), three things in it weigh more than they do:
+with tracemalloc (loadtests/README.md), these things in it weighed more than they need to:
 
 * the receive ``asyncio.Queue``: three ``collections.deque`` (getters, putters, items), about
   2.3 KB per socket, for a queue that holds zero or one message almost always;
@@ -11,6 +11,10 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
   socket, which nothing reads after the handshake;
 * the same ``Request`` once more, about 3 KB with its headers: websockets' server parser keeps
   it as a local variable of its generator for the life of the connection;
+* the scope's headers, kept for the life of the socket: about 80 bytes a header in new
+  ``bytes`` and ``tuple`` objects, though most names and many values (set by nginx, or the same
+  in every browser) are the same for every socket; :func:`shared_headers` keeps one of each
+  per process;
 * the instance's own ``__dict__``: 34 attributes, beyond the 30 that CPython lets instances of a
   class share one key table for, so each socket had a full dict of its own (1.6 KB). Twelve of
   them (:data:`SERVER_WIDE`) are the same for every connection of a server; they live once per
@@ -18,10 +22,10 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
 
 :class:`LeanWebSocketsProtocol` swaps the first two for minimal equivalents (same methods, same
 semantics for the single consumer uvicorn has), writes a text frame sent to many sockets in a
-row (a room's message) from bytes built once (:func:`text_frame`), and lets go of the
-handshake objects once the
-connection is accepted or refused, handing websockets a fresh frame parser (the one the
-handshake parser runs) once the request is read.
+row (a room's message) from bytes built once (:func:`text_frame`), lets go of the handshake
+objects once the connection is accepted or refused, handing websockets a fresh frame parser
+(the one the handshake parser runs) once the request is read, shares the headers' objects and
+the per-server attributes.
 
 It also finishes the closing handshake after a frame over ``WS_MAX_MESSAGE_BYTES``. uvicorn
 sends close 1009 as soon as it has read the frame's header and closes the TCP connection at
@@ -173,6 +177,54 @@ class ServerWide:
             )
 
 
+#: Request headers whose value is the same for many clients (set by nginx, or by every browser
+#: of a kind), and never a secret: one ``(name, value)`` tuple per process serves every socket.
+SHARED_HEADER_VALUES = frozenset(
+    {
+        b"host",
+        b"origin",
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"user-agent",
+        b"accept-encoding",
+        b"accept-language",
+        b"cache-control",
+        b"pragma",
+    }
+)
+#: At most this many names and pairs are kept: clients choose them.
+SHARED_HEADERS_MAX = 512
+_shared_headers: dict[Any, Any] = {}
+
+
+def shared_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with each name, and each pair of a :data:`SHARED_HEADER_VALUES` header, the
+    one object this process already holds for it (bytes and tuples are immutable: nobody can
+    tell). Each socket keeps its scope's headers for as long as it lives: about 80 bytes per
+    header, most of them the same in every scope behind one proxy."""
+    shared = _shared_headers
+    room = len(shared) < SHARED_HEADERS_MAX
+    result = []
+    for pair in headers:
+        name = pair[0]
+        if name in SHARED_HEADER_VALUES:
+            known = shared.get(pair)
+            if known is None and room:
+                known = shared[pair] = (shared.setdefault(name, name), pair[1])
+            result.append(known or pair)
+            continue
+        known_name = shared.get(name)
+        if known_name is None and room:
+            known_name = shared[name] = name
+        result.append((known_name, pair[1]) if known_name is not None else pair)
+    return result
+
+
 class _LastTextFrame:
     """The wire bytes of the last text frame this process sent, by the identity of its text."""
 
@@ -290,6 +342,9 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # a 101: the app gets the scope once this returns
+            scope["headers"] = shared_headers(scope["headers"])
         self.release_handshake_parser()
 
     def release_handshake_parser(self) -> None:

@@ -32,6 +32,7 @@ from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
+from infra import uvicorn_ws
 from infra.uvicorn_ws import (
     SERVER_WIDE,
     LeanEvent,
@@ -39,6 +40,7 @@ from infra.uvicorn_ws import (
     LeanWebSocketsProtocol,
     RefusedFrameDrain,
     ServerProtocolKeepingUnparsedBytes,
+    shared_headers,
     text_frame,
 )
 
@@ -315,3 +317,30 @@ async def test_connections_share_the_server_wide_values_and_no_more() -> None:
     other.load()
     with pytest.raises(RuntimeError, match="SERVER_WIDE"):
         LeanWebSocketsProtocol(other, state, app_state)  # another value, same server
+
+
+def test_headers_are_shared_between_sockets_where_nobody_can_tell() -> None:
+    def request(key: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"host", b"chat.example"),
+            (b"upgrade", b"websocket"),
+            (b"sec-websocket-key", key),
+            (b"cookie", b"sessionid=" + key),
+        ]
+
+    first, second = request(b"a" * 24), request(b"b" * 24)
+    shared_first, shared_second = shared_headers(first), shared_headers(second)
+    assert shared_first == first and shared_second == second  # the same headers
+    assert shared_first[0] is shared_second[0] and shared_first[1] is shared_second[1]
+    assert shared_first[2][0] is shared_second[2][0]  # a name: one object
+    assert shared_first[3][1] is not shared_second[3][1]
+    # Values of other headers (keys, cookies, tokens) are never kept beyond their socket.
+    assert all(b"sessionid" not in repr(entry).encode() for entry in uvicorn_ws._shared_headers)
+
+
+def test_the_shared_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uvicorn_ws, "_shared_headers", {})
+    for n in range(uvicorn_ws.SHARED_HEADERS_MAX + 100):
+        headers = [(b"x-%d" % n, b"1"), (b"user-agent", b"agent %d" % n)]
+        assert shared_headers(headers) == headers
+    assert len(uvicorn_ws._shared_headers) <= uvicorn_ws.SHARED_HEADERS_MAX + 2
