@@ -13,15 +13,13 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
-
 from config.routing import websocket_urlpatterns  # noqa: E402
 from health.asgi import HealthCheckMiddleware  # noqa: E402
 from observability.asgi import MetricsEndpoint  # noqa: E402
-from realtime.handshake import WebsocketHandshake  # noqa: E402
+from realtime.handshake import DirectProtocolTypeRouter, WebsocketHandshake  # noqa: E402
 
 application = MetricsEndpoint(
-    ProtocolTypeRouter(
+    DirectProtocolTypeRouter(
         {
             "http": HealthCheckMiddleware(django_asgi_app),
             # Origin rule, authentication, routing: realtime/handshake.py.
