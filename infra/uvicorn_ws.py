@@ -15,6 +15,10 @@ with tracemalloc (loadtests/README.md), these things in it weighed more than the
   ``bytes`` and ``tuple`` objects, though most names and many values (set by nginx, or the same
   in every browser) are the same for every socket; :func:`shared_headers` keeps one of each
   per process;
+* a timer per socket for its next keepalive ping (an event-loop handle, a bound method, a
+  context, and libuv's own timer): the pings due are kept in one-second buckets behind one
+  timer per event loop (:class:`KeepaliveWheel`), so a ping goes out up to a second later than
+  uvicorn would send it (every WS_PING_INTERVAL, 20 s by default);
 * the instance's own ``__dict__``: 34 attributes, beyond the 30 that CPython lets instances of a
   class share one key table for, so each socket had a full dict of its own (1.6 KB). Twelve of
   them (:data:`SERVER_WIDE`) are the same for every connection of a server; they live once per
@@ -25,7 +29,7 @@ semantics for the single consumer uvicorn has), writes a text frame sent to many
 row (a room's message) from bytes built once (:func:`text_frame`), lets go of the handshake
 objects once the connection is accepted or refused, handing websockets a fresh frame parser
 (the one the handshake parser runs) once the request is read, shares the headers' objects and
-the per-server attributes.
+the per-server attributes, and keeps its next keepalive ping in the loop's wheel.
 
 It also finishes the closing handshake after a frame over ``WS_MAX_MESSAGE_BYTES``. uvicorn
 sends close 1009 as soon as it has read the frame's header and closes the TCP connection at
@@ -47,6 +51,7 @@ default; ``websockets-sansio`` is the plain one). It relies on uvicorn and webso
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -225,6 +230,66 @@ def shared_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, byte
     return result
 
 
+class PingDue:
+    """A socket's next keepalive ping in a :class:`KeepaliveWheel`; what uvicorn keeps as its
+    ``ping_timer`` (it only ever cancels it)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def cancel(self) -> None:
+        self.protocol = None
+
+
+class KeepaliveWheel:
+    """The keepalive pings due on one event loop, in buckets of :attr:`RESOLUTION` seconds,
+    behind one timer: a socket waiting for its next ping costs a list slot and a
+    :class:`PingDue` instead of an event-loop timer (a handle, a bound method, a context).
+    A ping goes out up to one :attr:`RESOLUTION` later than it was due."""
+
+    RESOLUTION = 1.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, list[PingDue]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed_for = 0  # the tick the timer fires at
+
+    def add(self, protocol: Any, delay: float) -> PingDue:
+        due = PingDue(protocol)
+        tick = math.ceil((self.loop.time() + delay) / self.RESOLUTION)
+        self.buckets.setdefault(tick, []).append(due)
+        if self.timer is None or tick < self.armed_for:
+            self._arm()
+        return due
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None
+        if self.buckets:
+            self.armed_for = min(self.buckets)
+            self.timer = self.loop.call_at(self.armed_for * self.RESOLUTION, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = (self.loop.time() + 0.01) / self.RESOLUTION  # a timer may fire a hair early
+        for tick in sorted(tick for tick in self.buckets if tick <= now):
+            for due in self.buckets.pop(tick):
+                protocol, due.protocol = due.protocol, None
+                if protocol is None:
+                    continue  # cancelled: the socket closed, or answered and was rescheduled
+                try:
+                    protocol.send_keepalive_ping()
+                except Exception as exc:  # one socket's failure must not stop the others' pings
+                    self.loop.call_exception_handler(
+                        {"message": "keepalive ping failed", "exception": exc, "protocol": protocol}
+                    )
+        self._arm()
+
+
 class _LastTextFrame:
     """The wire bytes of the last text frame this process sent, by the identity of its text."""
 
@@ -346,6 +411,16 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
         if scope is not None:  # a 101: the app gets the scope once this returns
             scope["headers"] = shared_headers(scope["headers"])
         self.release_handshake_parser()
+
+    def schedule_ping(self) -> None:
+        """uvicorn's ``schedule_ping``, with the ping due in the loop's :class:`KeepaliveWheel`
+        instead of a timer of its own."""
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        wheel = self._server_wide.get("keepalive_wheel")
+        if wheel is None or wheel.loop is not self.loop:
+            wheel = self._server_wide["keepalive_wheel"] = KeepaliveWheel(self.loop)
+        self.ping_timer = wheel.add(self, delay)  # type: ignore[assignment]
 
     def release_handshake_parser(self) -> None:
         """Swap websockets' server parser, whose generator frame holds the handshake request
