@@ -4,7 +4,6 @@ One replica = one gunicorn master with WEB_CONCURRENCY uvicorn workers, all shar
 channel layer with every other replica. Values come from the environment (config/env.py).
 """
 
-import ctypes
 import sys
 from pathlib import Path
 
@@ -14,24 +13,6 @@ sys.path[:0] = [str(_ROOT), str(_ROOT / "app")]
 from config import env  # noqa: E402
 from observability import logs as _logs  # noqa: E402
 from observability import replica as _replica  # noqa: E402
-
-#: glibc's mallopt() parameter number for the arena limit (malloc.h).
-M_ARENA_MAX = -8
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """At most ``arenas`` glibc malloc arenas in this process and the workers it forks (0:
-    glibc's own limit). A thread that allocates gets an arena of its own otherwise, whose pages
-    stay resident. ``False`` where there is no glibc (musl has no arenas)."""
-    if arenas == 0:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas))  # the C library in use
-    except (OSError, AttributeError):
-        return False
-
-
-limit_malloc_arenas(env.get_int("MALLOC_ARENA_MAX", minimum=0))
 
 wsgi_app = "config.asgi:application"
 worker_class = "infra.uvicorn_worker.SwitchboardUvicornWorker"

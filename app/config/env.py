@@ -320,14 +320,6 @@ SETTINGS: tuple[Setting, ...] = (
         "Proxies whose X-Forwarded-* headers are trusted (nginx). Nobody else's are.",
     ),
     Setting(
-        "MALLOC_ARENA_MAX",
-        "1",
-        SERVER,
-        "glibc malloc arenas per app process (`mallopt`, set by gunicorn.conf.py before the "
-        "workers fork). 1: the workers' threads (database calls, metrics) share the main arena, "
-        "about 300 KiB less per worker (loadtests/README.md); 0: glibc's default, 8 per core.",
-    ),
-    Setting(
         "METRICS_DIR",
         "",
         SERVER,

@@ -116,25 +116,6 @@ def test_worker_class_is_not_the_deprecated_one() -> None:
     assert "uvicorn.workers" not in conf
 
 
-def test_the_malloc_arena_limit_is_set_in_the_master_before_workers_fork() -> None:
-    """gunicorn.conf.py applies MALLOC_ARENA_MAX with glibc's mallopt when gunicorn loads it
-    (in the master, so every forked worker inherits it); 0 leaves glibc's own limit."""
-    script = (
-        "import runpy, sys; conf = runpy.run_path('infra/gunicorn.conf.py'); "
-        "sys.exit(0 if conf['limit_malloc_arenas'](1) and not conf['limit_malloc_arenas'](0) "
-        "else 1)"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        env={**os.environ, "MALLOC_ARENA_MAX": "1"},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode == 0, result.stderr
-
-
 @pytest.mark.parametrize(("trusted", "expect_status"), [("127.0.0.1", 200), ("192.0.2.1", 301)])
 def test_forwarded_proto_is_trusted_only_from_the_proxy(
     tmp_path: Path, trusted: str, expect_status: int
