@@ -117,6 +117,7 @@ class WebsocketHandshake:
     async def admit(self, scope: Scope, receive: Any, send: Any) -> tuple[Scope, Any, Any] | None:
         """Steps 1-4: the socket's scope, ``send`` and connection lease (``None`` for an
         anonymous socket), or ``None`` once the socket has been refused."""
+        server_scope = scope
         if await self.origin_rule(scope, receive, send) is not True:
             return None  # refused with HTTP 403 (and logged) by the rule
         send = selecting_subprotocol(send, offered_subprotocols(scope))
@@ -129,8 +130,13 @@ class WebsocketHandshake:
         scope = await self.cookies(scope, receive, send)
         session = InstanceSessionWrapper(scope, send)
         await session.resolve_session()
-        # From here on, one scope: the session wrapper's (its ``send`` reads it).
-        scope, send = session.scope, session.send
+        # From here on, one scope: the server's own, with what the steps added, which the
+        # session wrapper's ``send`` reads too. Nothing upstream reads it again (uvicorn logs the
+        # client and path it holds at the accept; no step changes them), so the copies the steps
+        # made need not live as long as the socket does.
+        server_scope.update(session.scope)
+        session.scope = scope = server_scope
+        send = session.send
         self.session_user.populate_scope(scope)
         await self.session_user.resolve_scope(scope)
         lease = await connection_lease(scope, receive, send)
