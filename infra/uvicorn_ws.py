@@ -1,7 +1,7 @@
 """uvicorn's websockets-sansio protocol, lighter per idle connection.
 
 Every websocket a worker holds keeps its protocol object for as long as it is open; measured
-with tracemalloc (loadtests/README.md), three things in it weigh more than they do:
+with tracemalloc (loadtests/README.md), these things in it weighed more than they need to:
 
 * the receive ``asyncio.Queue``: three ``collections.deque`` (getters, putters, items), about
   2.3 KB per socket, for a queue that holds zero or one message almost always;
@@ -10,14 +10,26 @@ with tracemalloc (loadtests/README.md), three things in it weigh more than they 
 * the handshake ``Request`` and ``Response`` (with their header objects), about 2.5 KB per
   socket, which nothing reads after the handshake;
 * the same ``Request`` once more, about 3 KB with its headers: websockets' server parser keeps
-  it as a local variable of its generator for the life of the connection.
+  it as a local variable of its generator for the life of the connection;
+* the scope's headers, kept for the life of the socket: about 80 bytes a header in new
+  ``bytes`` and ``tuple`` objects, though most names and many values (set by nginx, or the same
+  in every browser) are the same for every socket; :func:`shared_headers` keeps one of each
+  per process;
+* a timer per socket for its next keepalive ping (an event-loop handle, a bound method, a
+  context, and libuv's own timer): the pings due are kept in one-second buckets behind one
+  timer per event loop (:class:`KeepaliveWheel`), so a ping goes out up to a second later than
+  uvicorn would send it (every WS_PING_INTERVAL, 20 s by default);
+* the instance's own ``__dict__``: 34 attributes, beyond the 30 that CPython lets instances of a
+  class share one key table for, so each socket had a full dict of its own (1.6 KB). Twelve of
+  them (:data:`SERVER_WIDE`) are the same for every connection of a server; they live once per
+  server (:class:`ServerWide`), and the remaining ones fit the shared key table.
 
 :class:`LeanWebSocketsProtocol` swaps the first two for minimal equivalents (same methods, same
 semantics for the single consumer uvicorn has), writes a text frame sent to many sockets in a
-row (a room's message) from bytes built once (:func:`text_frame`), and lets go of the
-handshake objects once the
-connection is accepted or refused, handing websockets a fresh frame parser (the one the
-handshake parser runs) once the request is read.
+row (a room's message) from bytes built once (:func:`text_frame`), lets go of the handshake
+objects once the connection is accepted or refused, handing websockets a fresh frame parser
+(the one the handshake parser runs) once the request is read, shares the headers' objects and
+the per-server attributes, and keeps its next keepalive ping in the loop's wheel.
 
 It also finishes the closing handshake after a frame over ``WS_MAX_MESSAGE_BYTES``. uvicorn
 sends close 1009 as soon as it has read the frame's header and closes the TCP connection at
@@ -39,6 +51,7 @@ default; ``websockets-sansio`` is the plain one). It relies on uvicorn and webso
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from uvicorn.protocols.utils import ClientDisconnected
@@ -123,6 +136,158 @@ class LeanEvent:
             if self._waiters is not None and waiter in self._waiters:
                 self._waiters.remove(waiter)
         return True
+
+
+#: Attributes uvicorn's protocol sets in ``__init__`` to one value per server (its config, loop,
+#: shared state, keepalive settings), never per connection.
+SERVER_WIDE = (
+    "config",
+    "app",
+    "loop",
+    "logger",
+    "root_path",
+    "asgi_version",
+    "app_state",
+    "connections",
+    "tasks",
+    # Not default_headers: the server replaces its list every second (the Date header), and
+    # each connection keeps the one of its own start.
+    "close_timeout",
+    "ping_interval",
+    "ping_timeout",
+)
+
+
+class ServerWide:
+    """One of :data:`SERVER_WIDE`: read from, and written once to, the server's shared values
+    (``_server_wide``) instead of each connection's ``__dict__``. A second, different value means
+    uvicorn now sets it per connection: that fails loudly rather than being shared."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, protocol: Any, owner: type | None = None) -> Any:
+        if protocol is None:
+            return self
+        return protocol._server_wide[self.name]
+
+    def __set__(self, protocol: Any, value: Any) -> None:
+        current = protocol._server_wide.setdefault(self.name, value)
+        if current is not value and current != value:
+            raise RuntimeError(
+                f"uvicorn set {self.name} to {value!r} for one connection and {current!r} for "
+                "another of the same server: infra/uvicorn_ws.py shares it (SERVER_WIDE)"
+            )
+
+
+#: Request headers whose value is the same for many clients (set by nginx, or by every browser
+#: of a kind), and never a secret: one ``(name, value)`` tuple per process serves every socket.
+SHARED_HEADER_VALUES = frozenset(
+    {
+        b"host",
+        b"origin",
+        b"upgrade",
+        b"connection",
+        b"sec-websocket-version",
+        b"sec-websocket-extensions",
+        b"x-forwarded-proto",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"user-agent",
+        b"accept-encoding",
+        b"accept-language",
+        b"cache-control",
+        b"pragma",
+    }
+)
+#: At most this many names and pairs are kept: clients choose them.
+SHARED_HEADERS_MAX = 512
+_shared_headers: dict[Any, Any] = {}
+
+
+def shared_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """``headers`` with each name, and each pair of a :data:`SHARED_HEADER_VALUES` header, the
+    one object this process already holds for it (bytes and tuples are immutable: nobody can
+    tell). Each socket keeps its scope's headers for as long as it lives: about 80 bytes per
+    header, most of them the same in every scope behind one proxy."""
+    shared = _shared_headers
+    room = len(shared) < SHARED_HEADERS_MAX
+    result = []
+    for pair in headers:
+        name = pair[0]
+        if name in SHARED_HEADER_VALUES:
+            known = shared.get(pair)
+            if known is None and room:
+                known = shared[pair] = (shared.setdefault(name, name), pair[1])
+            result.append(known or pair)
+            continue
+        known_name = shared.get(name)
+        if known_name is None and room:
+            known_name = shared[name] = name
+        result.append((known_name, pair[1]) if known_name is not None else pair)
+    return result
+
+
+class PingDue:
+    """A socket's next keepalive ping in a :class:`KeepaliveWheel`; what uvicorn keeps as its
+    ``ping_timer`` (it only ever cancels it)."""
+
+    __slots__ = ("protocol",)
+
+    def __init__(self, protocol: Any) -> None:
+        self.protocol = protocol
+
+    def cancel(self) -> None:
+        self.protocol = None
+
+
+class KeepaliveWheel:
+    """The keepalive pings due on one event loop, in buckets of :attr:`RESOLUTION` seconds,
+    behind one timer: a socket waiting for its next ping costs a list slot and a
+    :class:`PingDue` instead of an event-loop timer (a handle, a bound method, a context).
+    A ping goes out up to one :attr:`RESOLUTION` later than it was due."""
+
+    RESOLUTION = 1.0
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.buckets: dict[int, list[PingDue]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.armed_for = 0  # the tick the timer fires at
+
+    def add(self, protocol: Any, delay: float) -> PingDue:
+        due = PingDue(protocol)
+        tick = math.ceil((self.loop.time() + delay) / self.RESOLUTION)
+        self.buckets.setdefault(tick, []).append(due)
+        if self.timer is None or tick < self.armed_for:
+            self._arm()
+        return due
+
+    def _arm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = None
+        if self.buckets:
+            self.armed_for = min(self.buckets)
+            self.timer = self.loop.call_at(self.armed_for * self.RESOLUTION, self._fire)
+
+    def _fire(self) -> None:
+        self.timer = None
+        now = (self.loop.time() + 0.01) / self.RESOLUTION  # a timer may fire a hair early
+        for tick in sorted(tick for tick in self.buckets if tick <= now):
+            for due in self.buckets.pop(tick):
+                protocol, due.protocol = due.protocol, None
+                if protocol is None:
+                    continue  # cancelled: the socket closed, or answered and was rescheduled
+                try:
+                    protocol.send_keepalive_ping()
+                except Exception as exc:  # one socket's failure must not stop the others' pings
+                    self.loop.call_exception_handler(
+                        {"message": "keepalive ping failed", "exception": exc, "protocol": protocol}
+                    )
+        self._arm()
 
 
 class _LastTextFrame:
@@ -218,8 +383,20 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
     #: Set while the rest of a refused oversize frame is read (per instance only then).
     refused_frame: RefusedFrameDrain | None = None
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    locals().update({name: ServerWide(name) for name in SERVER_WIDE})
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        # First, so that it is there when uvicorn's __init__ sets the SERVER_WIDE attributes.
+        self._server_wide: dict[str, Any] = vars(server_state).setdefault(
+            "lean_websockets_shared", {}
+        )
+        super().__init__(config, server_state, app_state, _loop)
         # Same object, one method more (see ServerProtocolKeepingUnparsedBytes): no state added.
         self.conn.__class__ = ServerProtocolKeepingUnparsedBytes
         self.queue = LeanQueue()  # type: ignore[assignment]
@@ -230,7 +407,20 @@ class LeanWebSocketsProtocol(WebSocketsSansIOProtocol):
 
     def handle_connect(self, event: Any) -> None:
         super().handle_connect(event)
+        scope = getattr(self, "scope", None)
+        if scope is not None:  # a 101: the app gets the scope once this returns
+            scope["headers"] = shared_headers(scope["headers"])
         self.release_handshake_parser()
+
+    def schedule_ping(self) -> None:
+        """uvicorn's ``schedule_ping``, with the ping due in the loop's :class:`KeepaliveWheel`
+        instead of a timer of its own."""
+        assert self.ping_interval is not None
+        delay = max(0.0, self.ping_interval - self.last_ping_rtt)
+        wheel = self._server_wide.get("keepalive_wheel")
+        if wheel is None or wheel.loop is not self.loop:
+            wheel = self._server_wide["keepalive_wheel"] = KeepaliveWheel(self.loop)
+        self.ping_timer = wheel.add(self, delay)  # type: ignore[assignment]
 
     def release_handshake_parser(self) -> None:
         """Swap websockets' server parser, whose generator frame holds the handshake request

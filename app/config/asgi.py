@@ -13,21 +13,17 @@ from django.core.asgi import get_asgi_application
 
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-
 from config.routing import websocket_urlpatterns  # noqa: E402
 from health.asgi import HealthCheckMiddleware  # noqa: E402
 from observability.asgi import MetricsEndpoint  # noqa: E402
-from realtime.origin import allowed_hosts_origin_validator  # noqa: E402
-from wsauth.middleware import websocket_auth_stack  # noqa: E402
+from realtime.handshake import DirectProtocolTypeRouter, WebsocketHandshake  # noqa: E402
 
 application = MetricsEndpoint(
-    ProtocolTypeRouter(
+    DirectProtocolTypeRouter(
         {
             "http": HealthCheckMiddleware(django_asgi_app),
-            "websocket": allowed_hosts_origin_validator(
-                websocket_auth_stack(URLRouter(websocket_urlpatterns))
-            ),
+            # Origin rule, authentication, routing: realtime/handshake.py.
+            "websocket": WebsocketHandshake(websocket_urlpatterns),
         }
     )
 )

@@ -17,6 +17,8 @@ import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import markcoroutinefunction
+
 from observability import context, metrics
 
 Scope = dict[str, Any]
@@ -44,7 +46,11 @@ class MetricsEndpoint:
         self.inner = inner
         metrics.start_layer_sync()
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    @markcoroutinefunction
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        """The awaitable of whoever answers (an ASGI application all the same: the caller awaits
+        it). Handed back rather than awaited here, so that no frame of this wrapper stays
+        suspended for the life of every websocket (loadtests/README.md: idle memory)."""
         kind = scope["type"]
         if kind == "websocket":
             context.begin(scope.get("path", ""))
@@ -55,9 +61,9 @@ class MetricsEndpoint:
                 and scope["method"] in {"GET", "HEAD"}
             ):
                 accept = dict(scope.get("headers", ())).get(b"accept", b"").decode("latin-1")
-                return await _serve_metrics(send, accept)
-            return await _not_found(send)
-        return await self.inner(scope, receive, send)
+                return _serve_metrics(send, accept)
+            return _not_found(send)
+        return self.inner(scope, receive, send)
 
 
 async def _serve_metrics(send: Send, accept: str) -> None:

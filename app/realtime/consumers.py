@@ -82,47 +82,97 @@ LAYER_CONNECTION_ERRORS = (redis.exceptions.ConnectionError, redis.exceptions.Ti
 DB_EVENTS = frozenset({"websocket.connect", "websocket.disconnect"})
 
 
+class _SerialDispatch:
+    """The state of one :func:`dispatch_serially` call, in one small object per socket (no
+    closures): the task that called it, the first helper that failed, and a lock with
+    ``asyncio.Lock``'s semantics -- first come, first served; a waiter cancelled after being
+    handed the lock passes it on -- whose waiter list exists only while someone waits (an
+    ``asyncio.Lock`` keeps a deque of ~650 bytes for good once two sources met)."""
+
+    __slots__ = ("busy", "dispatch", "failed", "owner", "waiters")
+
+    def __init__(
+        self, owner: asyncio.Task[Any], dispatch: Callable[[dict[str, Any]], Awaitable[None]]
+    ) -> None:
+        self.owner = owner
+        self.dispatch = dispatch
+        self.failed: asyncio.Task[None] | None = None
+        self.busy = False
+        self.waiters: list[asyncio.Future[None]] | None = None
+
+    async def pump(self, source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        while True:
+            message = await source()
+            if self.busy or self.waiters:
+                await self._wait_turn()
+            self.busy = True
+            try:
+                await self.dispatch(message)
+            finally:
+                self._pass_turn()
+
+    async def _wait_turn(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        if self.waiters is None:
+            self.waiters = []
+        self.waiters.append(waiter)
+        try:
+            await waiter  # done: the lock was handed over (``busy`` stayed true)
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self._pass_turn()  # handed over, but cancelled before it could run
+            raise
+        finally:
+            if self.waiters is not None and waiter in self.waiters:
+                self.waiters.remove(waiter)
+            if not self.waiters:
+                self.waiters = None
+
+    def _pass_turn(self) -> None:
+        while self.waiters:
+            waiter = self.waiters.pop(0)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self.waiters = None
+        self.busy = False
+
+    def interrupt(self, task: asyncio.Task[None]) -> None:
+        if not task.cancelled() and self.failed is None:
+            self.failed = task
+            self.owner.cancel()
+
+
 async def dispatch_serially(
     sources: list[Callable[[], Awaitable[dict[str, Any]]]],
     dispatch: Callable[[dict[str, Any]], Awaitable[None]],
-    lock: asyncio.Lock | None = None,
+    state: _SerialDispatch | None = None,
 ) -> None:
     """Channels' ``await_many_dispatch`` without a new task and an ``asyncio.wait`` per message.
 
     The first source is pumped in the calling task, each other one in a long-lived task of its
-    own; ``lock`` (a new one by default) keeps dispatching one message at a time, as Channels
-    does. The first exception (``StopConsumer`` included) ends every source and is raised here.
+    own; a lock keeps dispatching one message at a time, as Channels does. The first exception
+    (``StopConsumer`` included) ends every source and is raised here. ``state`` (made for the
+    calling task, with ``dispatch``) lets the caller see whether a message is being dispatched
+    (``state.busy``).
     """
-    if lock is None:
-        lock = asyncio.Lock()
-
-    async def pump(source: Callable[[], Awaitable[dict[str, Any]]]) -> None:
-        while True:
-            message = await source()
-            async with lock:
-                await dispatch(message)
-
     here = asyncio.current_task()
     assert here is not None
-    failed: list[asyncio.Task[None]] = []
-
-    def interrupt(task: asyncio.Task[None]) -> None:
-        if not task.cancelled():
-            failed.append(task)
-            here.cancel()
-
-    helpers = [asyncio.ensure_future(pump(source)) for source in sources[1:]]
+    if state is None:
+        state = _SerialDispatch(here, dispatch)
+    assert state.owner is here, "the state belongs to the task that pumps the first source"
+    helpers = [asyncio.ensure_future(state.pump(source)) for source in sources[1:]]
     for task in helpers:
-        task.add_done_callback(interrupt)
+        task.add_done_callback(state.interrupt)
     try:
-        await pump(sources[0])
+        await state.pump(sources[0])
     except asyncio.CancelledError:
-        if failed and here.uncancel() == 0:
-            failed[0].result()  # a helper's exception (StopConsumer included) ends it all
+        if state.failed is not None and here.uncancel() == 0:
+            state.failed.result()  # a helper's exception (StopConsumer included) ends it all
         raise
     finally:
         for task in helpers:
-            task.remove_done_callback(interrupt)
+            task.remove_done_callback(state.interrupt)
             task.cancel()
         for task in helpers:
             with contextlib.suppress(BaseException):
@@ -196,7 +246,7 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         real_send = getattr(wrapper, "real_send", None)
         saves_on = getattr(wrapper, "save_message_types", ("websocket.send",))
         self._frame_send = real_send if real_send and "websocket.send" not in saves_on else send
-        self._dispatching = asyncio.Lock()
+        self._serial = _SerialDispatch(asyncio.current_task(), self.dispatch)
         self._write_now: Callable[[str], bool] | None = getattr(
             getattr(self._frame_send, "__self__", None), "send_text_now", None
         )
@@ -207,9 +257,7 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
             self._endpoint = observability_context.current.get().endpoint
         ended_by_disconnect = False
         try:
-            await dispatch_serially(
-                [receive, self.channel_receive], self.dispatch, self._dispatching
-            )
+            await dispatch_serially([receive, self.channel_receive], self.dispatch, self._serial)
         except StopConsumer:
             ended_by_disconnect = True  # websocket_disconnect left the groups
         finally:
@@ -248,7 +296,7 @@ class GroupMemberConsumer(SocketAuthority, AsyncWebsocketConsumer):
         count the delivery. ``False`` (nothing done; the event is dispatched as usual) while a
         handler runs, for other or malformed events, when the frame cannot be written at once,
         or when building it fails (the usual way then fails the same way, and says so)."""
-        if self._dispatching.locked():
+        if self._serial.busy:
             return False
         kind = event.get("type")
         name = self.frame_handlers.get(kind) if isinstance(kind, str) else None

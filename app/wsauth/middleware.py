@@ -1,16 +1,17 @@
-"""The websocket authentication stack: a connection token or the session cookie.
+"""Websocket authentication, step by step: a connection token or the session cookie.
 
-``websocket_auth_stack(inner)`` is what ``config.asgi`` wraps the URL router in (inside
-``realtime.origin``'s Origin rule)::
+``realtime.handshake`` runs these steps in one coroutine for every websocket, in this order
+(inside ``realtime.origin``'s Origin rule, before URL routing)::
 
-    TokenAuthMiddleware        token.<jwt> subprotocol (or ?token= when WS_TOKEN_QUERY_PARAM):
-                               verified, or the socket is refused (auth_failed, 4401);
-                               selects `switchboard.v1` when the client offered it
-      CookieMiddleware         Channels' session cookie ...
-        SessionMiddleware      ... and session ...
-          UserMiddleware       ... user (skipped when a token authenticated the socket), then
-                               the per-user connection limit (too_many_connections, 4429)
-            inner
+    token                  token.<jwt> subprotocol (or ?token= when WS_TOKEN_QUERY_PARAM):
+                           verified (:func:`authenticate_token`), or the socket is refused
+                           (auth_failed, 4401); :func:`selecting_subprotocol` selects
+                           `switchboard.v1` when the client offered it
+    cookies, session       Channels' CookieMiddleware and session wrapper
+    user                   Channels' AuthMiddleware steps (:class:`SessionUser`; skipped when a
+                           token authenticated the socket), then
+    limit                  the per-user connection limit (:func:`connection_lease`;
+                           too_many_connections, 4429)
 
 A token wins over a cookie sent with it. ``scope["auth_method"]`` says which one authenticated
 (``"token"``, ``"session"`` or ``None``) and ``scope["token_claims"]`` holds the token's claims.
@@ -24,7 +25,6 @@ from urllib.parse import parse_qs
 
 from channels.auth import AuthMiddleware
 from channels.db import database_sync_to_async
-from channels.sessions import CookieMiddleware, SessionMiddleware
 from django.conf import settings
 
 from realtime import jsonframes
@@ -85,42 +85,32 @@ def selecting_subprotocol(send: Any, offered: list[str]) -> Any:
     return send_selecting
 
 
-class TokenAuthMiddleware:
-    """Authenticates a websocket by its connection token, when it presents one."""
-
-    def __init__(self, inner: Any) -> None:
-        self.inner = inner
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "websocket":
-            await self.inner(scope, receive, send)
-            return
-        send = selecting_subprotocol(send, offered_subprotocols(scope))
-        token = presented_token(scope)
-        if token is None:
-            await self.inner(scope, receive, send)
-            return
-        try:
-            claims = tokens.verify(token)
-            user = await database_sync_to_async(tokens.user_for)(claims)
-        except tokens.TokenRejected as rejected:
-            # The reason and the client, never the token (nor anything decoded from it).
-            logger.info(
-                "refused websocket %s %r: auth_failed (%s)",
-                client_of(scope),
-                scope.get("path"),
-                rejected.reason,
-            )
-            await refuse_handshake(
-                receive, send, "auth_failed", rejected.detail, CLOSE_AUTH, reason=rejected.reason
-            )
-            return
-        scope = {**scope, "user": user, "auth_method": "token", "token_claims": claims}
-        await self.inner(scope, receive, send)
+async def authenticate_token(
+    scope: dict[str, Any], token: str, receive: Any, send: Any
+) -> dict[str, Any] | None:
+    """What a connection token adds to the scope (``user``, ``auth_method``, ``token_claims``),
+    or ``None`` once an invalid one has been refused (auth_failed, 4401)."""
+    try:
+        claims = tokens.verify(token)
+        user = await database_sync_to_async(tokens.user_for)(claims)
+    except tokens.TokenRejected as rejected:
+        # The reason and the client, never the token (nor anything decoded from it).
+        logger.info(
+            "refused websocket %s %r: auth_failed (%s)",
+            client_of(scope),
+            scope.get("path"),
+            rejected.reason,
+        )
+        await refuse_handshake(
+            receive, send, "auth_failed", rejected.detail, CLOSE_AUTH, reason=rejected.reason
+        )
+        return None
+    return {"user": user, "auth_method": "token", "token_claims": claims}
 
 
-class UserMiddleware(AuthMiddleware):
-    """Channels' AuthMiddleware, except that a token's user stands; then the per-user limit."""
+class SessionUser(AuthMiddleware):
+    """Channels' AuthMiddleware steps (``populate_scope``, ``resolve_scope``), except that a
+    token's user stands. Used for its methods: ``realtime.handshake`` calls them in order."""
 
     def populate_scope(self, scope: dict[str, Any]) -> None:
         if scope.get("auth_method") != "token":
@@ -133,37 +123,34 @@ class UserMiddleware(AuthMiddleware):
         await super().resolve_scope(scope)
         scope["auth_method"] = "session" if scope["user"].is_authenticated else None
 
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        scope = dict(scope)
-        self.populate_scope(scope)
-        await self.resolve_scope(scope)
-        user = scope["user"]
-        if not user.is_authenticated:
-            await self.inner(scope, receive, send)
-            return
-        lease = await limits.acquire(user.pk)
-        if lease is None:
-            limit = settings.WS_MAX_CONNECTIONS_PER_USER
-            logger.info(
-                "refused websocket %s %r: too_many_connections (user=%s, limit %d)",
-                client_of(scope),
-                scope.get("path"),
-                user.pk,
-                limit,
-            )
-            await refuse_handshake(
-                receive,
-                send,
-                "too_many_connections",
-                f"At most {limit} open connections per user; close one and reconnect.",
-                CLOSE_TOO_MANY,
-            )
-            return
-        try:
-            await self.inner(scope, receive, send)
-        finally:
-            await limits.release(lease)
+
+async def connection_lease(scope: dict[str, Any], receive: Any, send: Any) -> Any:
+    """The per-user connection lease of an authenticated socket (``limits.release`` it when the
+    socket ends); ``None`` for an anonymous one; :data:`REFUSED` once a user over
+    WS_MAX_CONNECTIONS_PER_USER has been refused (too_many_connections, 4429)."""
+    user = scope["user"]
+    if not user.is_authenticated:
+        return None
+    lease = await limits.acquire(user.pk)
+    if lease is not None:
+        return lease
+    limit = settings.WS_MAX_CONNECTIONS_PER_USER
+    logger.info(
+        "refused websocket %s %r: too_many_connections (user=%s, limit %d)",
+        client_of(scope),
+        scope.get("path"),
+        user.pk,
+        limit,
+    )
+    await refuse_handshake(
+        receive,
+        send,
+        "too_many_connections",
+        f"At most {limit} open connections per user; close one and reconnect.",
+        CLOSE_TOO_MANY,
+    )
+    return REFUSED
 
 
-def websocket_auth_stack(inner: Any) -> TokenAuthMiddleware:
-    return TokenAuthMiddleware(CookieMiddleware(SessionMiddleware(UserMiddleware(inner))))
+#: What :func:`connection_lease` returns for a refused socket.
+REFUSED = object()

@@ -32,12 +32,17 @@ from websockets.frames import Close, CloseCode, Frame, Opcode
 from websockets.protocol import Protocol, State
 from websockets.server import ServerProtocol
 
+from infra import uvicorn_ws
 from infra.uvicorn_ws import (
+    SERVER_WIDE,
+    KeepaliveWheel,
     LeanEvent,
     LeanQueue,
     LeanWebSocketsProtocol,
+    PingDue,
     RefusedFrameDrain,
     ServerProtocolKeepingUnparsedBytes,
+    shared_headers,
     text_frame,
 )
 
@@ -318,3 +323,153 @@ def test_the_drain_does_not_store_a_close_frame_that_claims_to_be_huge() -> None
 def test_the_protocol_keeps_the_unparsed_bytes_of_a_failure() -> None:
     protocol = ServerProtocolKeepingUnparsedBytes(max_size=MAX_SIZE)
     assert isinstance(protocol.reader.buffer, bytearray), UPGRADE_HINT.format(uvicorn.__version__)
+
+
+def test_the_server_wide_attributes_are_set_once_per_server() -> None:
+    """LeanWebSocketsProtocol keeps SERVER_WIDE attributes once per server, not per socket."""
+    for attribute in SERVER_WIDE:
+        setters = {name for name, uses in _methods_using(attribute).items() if "=" in uses}
+        assert setters <= {"__init__"}, (
+            f"uvicorn now sets self.{attribute} in {sorted(setters - {'__init__'})}: it may "
+            "differ per connection. " + UPGRADE_HINT.format(uvicorn.__version__)
+        )
+
+
+async def test_connections_share_the_server_wide_values_and_no_more() -> None:
+    config = Config(app=_app, ws=LeanWebSocketsProtocol, lifespan="off")
+    config.load()
+    state, app_state = ServerState(), {}
+    first, second = (LeanWebSocketsProtocol(config, state, app_state) for _ in range(2))
+    assert first.config is second.config is config
+    assert first.connections is second.connections is state.connections
+    own = set(vars(first))
+    assert not own & set(SERVER_WIDE)
+    # CPython shares one key table among a class's instances of up to 30 attributes; the
+    # handshake adds request, response and scope.
+    assert len(own) + 3 <= 30, sorted(own)
+    other = Config(app=_app, ws=LeanWebSocketsProtocol, lifespan="off", ws_ping_interval=1.5)
+    other.load()
+    with pytest.raises(RuntimeError, match="SERVER_WIDE"):
+        LeanWebSocketsProtocol(other, state, app_state)  # another value, same server
+
+
+def test_headers_are_shared_between_sockets_where_nobody_can_tell() -> None:
+    def request(key: bytes) -> list[tuple[bytes, bytes]]:
+        return [
+            (b"host", b"chat.example"),
+            (b"upgrade", b"websocket"),
+            (b"sec-websocket-key", key),
+            (b"cookie", b"sessionid=" + key),
+        ]
+
+    first, second = request(b"a" * 24), request(b"b" * 24)
+    shared_first, shared_second = shared_headers(first), shared_headers(second)
+    assert shared_first == first and shared_second == second  # the same headers
+    assert shared_first[0] is shared_second[0] and shared_first[1] is shared_second[1]
+    assert shared_first[2][0] is shared_second[2][0]  # a name: one object
+    assert shared_first[3][1] is not shared_second[3][1]
+    # Values of other headers (keys, cookies, tokens) are never kept beyond their socket.
+    assert all(b"sessionid" not in repr(entry).encode() for entry in uvicorn_ws._shared_headers)
+
+
+def test_the_shared_headers_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(uvicorn_ws, "_shared_headers", {})
+    for n in range(uvicorn_ws.SHARED_HEADERS_MAX + 100):
+        headers = [(b"x-%d" % n, b"1"), (b"user-agent", b"agent %d" % n)]
+        assert shared_headers(headers) == headers
+    assert len(uvicorn_ws._shared_headers) <= uvicorn_ws.SHARED_HEADERS_MAX + 2
+
+
+def test_uvicorn_only_cancels_the_ping_timer_and_schedules_pings_in_one_place() -> None:
+    """LeanWebSocketsProtocol.schedule_ping hands uvicorn a PingDue (cancel() only) instead
+    of an event-loop timer, and computes the delay as uvicorn's own schedule_ping does."""
+    used = set().union(*_methods_using("ping_timer").values())
+    assert used <= {"=", "read", ".cancel"}, (
+        f"uvicorn now uses self.ping_timer{sorted(used)}. "
+        + UPGRADE_HINT.format(uvicorn.__version__)
+    )
+    source = inspect.getsource(WebSocketsSansIOProtocol.schedule_ping)
+    for expected in (
+        "max(0.0, self.ping_interval - self.last_ping_rtt)",
+        "call_later(delay, self.send_keepalive_ping)",
+    ):
+        assert expected in source, (
+            f"uvicorn's schedule_ping changed ({expected!r} is gone). "
+            + UPGRADE_HINT.format(uvicorn.__version__)
+        )
+
+
+class PingCounter:
+    def __init__(self, fail: bool = False) -> None:
+        self.pings = 0
+        self.fail = fail
+        self.pinged = asyncio.Event()
+
+    def send_keepalive_ping(self) -> None:
+        self.pings += 1
+        self.pinged.set()
+        if self.fail:
+            raise RuntimeError("transport gone")
+
+
+async def test_the_keepalive_wheel_pings_each_socket_once_when_due() -> None:
+    loop = asyncio.get_running_loop()
+    loop.set_exception_handler(lambda loop, context: None)  # the failing socket's report
+    wheel = KeepaliveWheel(loop)
+    later, soon, cancelled, failing = PingCounter(), PingCounter(), PingCounter(), PingCounter(True)
+    wheel.add(later, 30)
+    wheel.add(soon, 0.05)
+    wheel.add(failing, 0.05)
+    wheel.add(cancelled, 0.05).cancel()
+    await asyncio.wait_for(soon.pinged.wait(), 5)  # due within a second (RESOLUTION)
+    await asyncio.sleep(0.05)
+    assert (soon.pings, failing.pings, cancelled.pings, later.pings) == (1, 1, 0, 0)
+    assert wheel.timer is not None and wheel.armed_for * wheel.RESOLUTION > loop.time() + 20
+    wheel.timer.cancel()
+
+
+def _read_frame(sock: socket.socket, data: bytes) -> tuple[int, bytes, bytes]:
+    """One unmasked server frame with a short payload: (first byte, payload, what follows)."""
+    while len(data) < 2 or len(data) < 2 + data[1]:
+        chunk = sock.recv(4096)
+        assert chunk, f"closed with {data!r} read"
+        data += chunk
+    end = 2 + data[1]
+    return data[0], data[2:end], data[end:]
+
+
+async def test_keepalive_pings_come_from_the_wheel_and_a_silent_peer_is_closed() -> None:
+    config = Config(
+        app=_app,
+        ws=LeanWebSocketsProtocol,
+        lifespan="off",
+        ws_ping_interval=0.3,
+        ws_ping_timeout=0.5,
+    )
+    config.load()
+    state = ServerState()
+    server = await asyncio.get_running_loop().create_server(
+        lambda: PROTOCOLS.append(LeanWebSocketsProtocol(config, state, {})) or PROTOCOLS[-1],
+        "127.0.0.1",
+        0,
+    )
+    port = server.sockets[0].getsockname()[1]
+
+    def client() -> tuple[int, int, int]:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            rest = _handshake(sock, port).split(b"\r\n\r\n", 1)[1]
+            first, payload, rest = _read_frame(sock, rest)
+            sock.sendall(Frame(Opcode.PONG, payload).serialize(mask=True))  # answered ...
+            second, _, rest = _read_frame(sock, rest)  # ... so the next ping comes
+            closing, reason, _ = _read_frame(sock, rest)  # unanswered: the server gives up
+            return first, second, int.from_bytes(reason[:2], "big") if closing == 0x88 else 0
+
+    try:
+        first, second, code = await asyncio.wait_for(asyncio.to_thread(client), 15)
+    finally:
+        server.close()
+        for task in list(state.tasks):
+            task.cancel()
+    assert (first, second) == (0x89, 0x89)  # two pings (FIN + opcode 9)
+    assert code == CloseCode.INTERNAL_ERROR  # 1011: keepalive ping timeout
+    assert isinstance(PROTOCOLS[-1].ping_timer, PingDue | None)
