@@ -46,15 +46,15 @@ POD_PROCESSES = 1 + 2
 #: Measured by ``python -m loadtests capacity`` on the reference machine (loadtests/README.md):
 #: one idle worker process, and app memory per idle connection (after one message each). The
 #: master is counted as a worker: an upper bound, it does not load Django (no preload).
-MEASURED_PROCESS_MIB = 60
-MEASURED_KIB_PER_CONNECTION = 36.3
+MEASURED_PROCESS_MIB = 69
+MEASURED_KIB_PER_CONNECTION = 17.4
 #: Share of the memory limit kept free at capacity: busy sockets hold more than idle ones (frames
 #: up to WS_MAX_MESSAGE_BYTES, send buffers), and an out-of-memory kill closes every socket of
 #: the pod at once.
 POD_MEMORY_HEADROOM = 0.3
 
 #: Connections one pod (replica) is sized for: what fits in its memory limit with
-#: POD_MEMORY_HEADROOM of it free, rounded down to a thousand (5,000). Memory, not CPU, is what
+#: POD_MEMORY_HEADROOM of it free, rounded down to a thousand (8,000). Memory, not CPU, is what
 #: idle sockets cost; the CPU of their traffic is the HPA's CPU target. The "too many
 #: connections" alert fires above it (the pod still has its headroom); autoscaling aims at half
 #: of it, because new pods only get new connections. tests/static/test_monitoring.py checks the
