@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import pytest
+import websockets
 
-from tests.harness import TEST_PASSWORD, RunningStack, started
+from tests.harness import TEST_PASSWORD, RunningStack, recv_json, recv_until, replica_of, started
 
 
 @pytest.fixture(scope="package")
@@ -49,3 +52,21 @@ def notify_self(stack: RunningStack, client: httpx.Client, message: str) -> None
     """Push a notification to the client's own user, through the view (no process to start)."""
     response = stack.csrf_post(client, "/notifications/ping/", {"message": message})
     assert response.status_code == 202, response.text
+
+
+async def closed_with(ws: websockets.ClientConnection) -> tuple[dict[str, Any], int]:
+    """The last frame before the close (other frames, such as room traffic, are skipped), and
+    the close code."""
+    frame: dict[str, Any] = {}
+    with pytest.raises(websockets.ConnectionClosed) as closed:
+        while True:
+            frame = await recv_json(ws)
+    received = closed.value.rcvd
+    return frame, received.code if received is not None else 1006  # 1006: no close frame
+
+
+async def replica_serving(ws: websockets.ClientConnection, ref: str) -> str:
+    """The replica whose worker delivers this socket's own message back to it."""
+    await ws.send(json.dumps({"message": "who serves me", "ref": ref}))
+    frame = await recv_until(ws, lambda f: f.get("ref") == ref)
+    return replica_of(frame["delivered_by"])

@@ -10,18 +10,22 @@ session's.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import httpx
 import pytest
 import websockets
 
 from tests.faults.tools import record_figures
-from tests.harness import RunningStack, recv_json, recv_until, replica_of, room_path
-from tests.security.conftest import create_users, log_in, notify_self
+from tests.harness import RunningStack, recv_json, recv_until, room_path
+from tests.security.conftest import (
+    closed_with,
+    create_users,
+    log_in,
+    notify_self,
+    replica_serving,
+)
 
 pytestmark = pytest.mark.e2e
 
@@ -43,23 +47,6 @@ async def refused_with(ws: websockets.ClientConnection) -> tuple[str, int]:
     with pytest.raises(websockets.ConnectionClosed) as closed:
         await ws.recv()
     return frame["code"], closed.value.rcvd.code
-
-
-async def closed_with(ws: websockets.ClientConnection) -> tuple[dict[str, Any], int]:
-    """The last frame before the close (other frames, such as room traffic, are skipped), and
-    the close code."""
-    frame: dict[str, Any] = {}
-    with pytest.raises(websockets.ConnectionClosed) as closed:
-        while True:
-            frame = await recv_json(ws)
-    received = closed.value.rcvd
-    return frame, received.code if received is not None else 1006  # 1006: no close frame
-
-
-async def replica_serving(ws: websockets.ClientConnection, ref: str) -> str:
-    await ws.send(json.dumps({"message": "who serves me", "ref": ref}))
-    frame = await recv_until(ws, lambda f: f.get("ref") == ref)
-    return replica_of(frame["delivered_by"])
 
 
 async def chat_on_every_replica(

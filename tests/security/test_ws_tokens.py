@@ -25,8 +25,8 @@ import pytest
 import websockets
 
 from tests.faults.tools import record_figures
-from tests.harness import TEST_PASSWORD, RunningStack, recv_until, replica_of, started
-from tests.security.conftest import log_in
+from tests.harness import TEST_PASSWORD, RunningStack, recv_until, started
+from tests.security.conftest import closed_with, log_in, replica_serving
 
 pytestmark = pytest.mark.e2e
 
@@ -119,22 +119,6 @@ async def open_with_token(
     return await stack.connect(
         f"/ws/chat/{room}/", subprotocols=[SUBPROTOCOL, f"token.{token}"], **kwargs
     )
-
-
-async def closed_with(ws: websockets.ClientConnection) -> tuple[dict[str, Any], int]:
-    """The last frame before the close, and the close code."""
-    frame: dict[str, Any] = {}
-    with pytest.raises(websockets.ConnectionClosed) as closed:
-        while True:
-            frame = json.loads(await asyncio.wait_for(ws.recv(), 10))
-    received = closed.value.rcvd
-    return frame, received.code if received is not None else 1006  # 1006: no close frame
-
-
-async def replica_serving(ws: websockets.ClientConnection, ref: str) -> str:
-    await ws.send(json.dumps({"message": "who serves me", "ref": ref}))
-    frame = await recv_until(ws, lambda f: f.get("ref") == ref)
-    return replica_of(frame["delivered_by"])
 
 
 # -- issuing -------------------------------------------------------------------------------------
